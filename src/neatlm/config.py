@@ -1,0 +1,324 @@
+"""Configuration as data: one dataclass per section, TOML presets, ``--set a.b=c`` overrides.
+
+Every field may carry validation metadata (``choices``, ``min``, ``max``); :func:`validate`
+checks the whole tree before any work starts, and every failure is a :class:`ConfigError`
+whose message is one line naming the key, the value and what is allowed.
+
+Defaults equal the ``tiny`` preset, so ``Config()`` is the model ``neat train`` trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is a single line."""
+
+
+def _f(default: Any, help: str = "", **rules: Any) -> Any:
+    """A dataclass field with a default, a one-line help and validation rules."""
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(256, "bytes: always 256", min=2)
+    dim: int = _f(128, "model width", min=8)
+    n_layers: int = _f(4, "number of blocks", min=1)
+    n_heads: int = _f(4, "attention heads; must divide dim", min=1)
+    mlp_hidden: int = _f(0, "SwiGLU hidden width; 0 = 8/3 * dim rounded to 16", min=0)
+    context: int = _f(256, "longest sequence the model is trained on (tokens)", min=2)
+    window: int = _f(0, "sliding attention window in tokens; 0 = full causal", min=0)
+    rope_base: float = _f(10000.0, "RoPE frequency base", min=1.0)
+    mixer: str = _f("attention", "sequence mixer of each block", choices=("attention", "bk"))
+    mlp: str = _f("swiglu", "channel mixer of each block", choices=("swiglu", "moe"))
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", min=0.0)
+    init_std: float = _f(0.02, "std of the normal init of weights", min=0.0)
+
+
+@dataclass
+class MemoryConfig:
+    enabled: bool = _f(False, "add a test-time memory branch to every block")
+    combine: str = _f("mag", "how memory joins attention", choices=("mag", "mal", "mac"))
+    heads: int = _f(1, "memory heads", min=1)
+    dim_head: int = _f(0, "width per memory head; 0 = dim // heads", min=0)
+    chunk_size: int = _f(64, "tokens per chunk sharing one linearisation point", min=1)
+    function: str = _f("mlp", "memory function", choices=("linear", "mlp"))
+    depth: int = _f(2, "layers of the MLP memory", min=2)
+    expansion: float = _f(2.0, "hidden width of the MLP memory / dim_head", min=0.25)
+    residual: bool = _f(True, "MLP memory computes k + branch(k)")
+    norm: bool = _f(False, "normalise the MLP memory branch output")
+    objective: str = _f("titans", "inner objective", choices=("titans", "omega"))
+    omega_window: int = _f(4, "Omega rule window c (tokens)", min=1)
+    features: str = _f("identity", "key/query feature map", choices=("identity", "poly"))
+    poly_degree: int = _f(2, "degree of the polynomial feature map", min=2, max=4)
+    optimizer: str = _f("momentum", "inner optimiser", choices=("momentum", "muon"))
+    ns_steps: int = _f(5, "Newton-Schulz steps for the Muon inner optimiser", min=1)
+    max_lr: float = _f(0.1, "cap of the data-dependent inner learning rate", min=0.0)
+    max_grad_norm: float = _f(0.0, "cap on the inner gradient norm; 0 = off", min=0.0)
+    learn_init: bool = _f(True, "meta-learn the initial memory weights in the outer loop")
+    reset: str = _f("sequence", "when memory returns to its initial state",
+                    choices=("sequence", "batch", "never"))
+    detach_output: bool = _f(False, "stop outer gradients at the memory read")
+
+
+@dataclass
+class BKConfig:
+    causal: bool = _f(True, "leading-submatrix resolvent (no future leak)")
+    grad_blend: float = _f(0.0, "ablation: blend of the old diagonal-only gradient", min=0.0, max=1.0)
+    precision: str = _f("complex128", "scan precision",
+                        choices=("complex128", "complex64", "mixed"))
+
+
+@dataclass
+class MoEConfig:
+    experts: int = _f(4, "number of experts", min=1)
+    top_k: int = _f(2, "experts per token", min=1, max=2)
+    capacity_factor: float = _f(0.0, "drop tokens above this load factor; 0 = no cap", min=0.0)
+    aux_loss_weight: float = _f(0.01, "weight of the load-balancing loss", min=0.0)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "file or directory of training text; empty = Python's stdlib sources")
+    val_fraction: float = _f(0.05, "fraction of files held out for validation", min=0.0, max=0.5)
+    extensions: str = _f(".py", "comma-separated file suffixes read from a directory")
+    seed: int = _f(1337, "seed of the batch sampler", min=0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(2000, "optimizer steps", min=1)
+    batch_size: int = _f(16, "sequences per micro-batch", min=1)
+    seq_len: int = _f(256, "tokens per sequence (<= model.context)", min=2)
+    accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
+    lr: float = _f(3e-3, "peak learning rate", min=0.0)
+    min_lr_ratio: float = _f(0.1, "final learning rate / peak", min=0.0, max=1.0)
+    warmup_steps: int = _f(100, "linear warmup steps", min=0)
+    weight_decay: float = _f(0.1, "AdamW decay on matrices (never norms, biases, embeddings)", min=0.0)
+    beta1: float = _f(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm; 0 = off", min=0.0)
+    seed: int = _f(0, "seed of the model init", min=0)
+    device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    precision: str = _f("auto", "auto = measured", choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int = _f(0, "CPU threads; 0 = torch default", min=0)
+    log_every: int = _f(10, "steps between metric records", min=1)
+    save_every: int = _f(500, "steps between checkpoints (and one at the end)", min=1)
+    keep_last: int = _f(2, "checkpoints kept", min=1)
+    run_dir: str = _f("runs/default", "where checkpoints, config and metrics go")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(250, "steps between validation runs; 0 = only at the end", min=0)
+    batches: int = _f(20, "validation batches per evaluation", min=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    bk: BKConfig = field(default_factory=BKConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _field_type(section_obj: Any, name: str) -> type:
+    tp = {f.name: f.type for f in dataclasses.fields(section_obj)}[name]
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(tp, tp) if isinstance(tp, str) else tp
+
+
+def _coerce(key: str, value: Any, tp: type) -> Any:
+    """Check a TOML value against the field type (ints are accepted for floats)."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+
+
+def _parse_cli_value(key: str, text: str, tp: type) -> Any:
+    """Parse the right-hand side of ``--set key=value`` into the field's type."""
+    try:
+        if tp is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{key} = {text!r}: expected {_type_name(tp)}") from None
+
+
+def _known_keys(section: str) -> str:
+    obj = getattr(Config(), section)
+    return ", ".join(f.name for f in dataclasses.fields(obj))
+
+
+def _locate(cfg: Config, key: str) -> tuple[Any, str]:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{key!r}: keys have the form section.name (sections: {', '.join(SECTIONS)})")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"{key}: unknown section {section!r} (allowed: {', '.join(SECTIONS)})")
+    obj = getattr(cfg, section)
+    if name not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"{key}: unknown key (allowed in [{section}]: {_known_keys(section)})")
+    return obj, name
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Overlay a nested ``{section: {key: value}}`` mapping (as read from TOML) onto ``cfg``."""
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}] (allowed: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value pairs")
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            obj, name = _locate(cfg, key)
+            setattr(obj, name, _coerce(key, value, _field_type(obj, name)))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        obj, name = _locate(cfg, key)
+        setattr(obj, name, _parse_cli_value(key, text, _field_type(obj, name)))
+    return cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("neatlm.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Defaults, then a preset, then a TOML file, then ``--set`` overrides; then validation."""
+    cfg = Config()
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(f"--preset {preset!r}: unknown preset (allowed: {', '.join(preset_names())})")
+        text = resources.files("neatlm.presets").joinpath(f"{preset}.toml").read_text(encoding="utf-8")
+        apply_dict(cfg, tomllib.loads(text), source=f"preset {preset}")
+    if config_file is not None:
+        apply_dict(cfg, read_toml(config_file), source=str(config_file))
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_rules(key: str, value: Any, meta: dict[str, Any]) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key} = {value!r}: allowed values are {', '.join(map(repr, meta['choices']))}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key} = {value!r}: must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key} = {value!r}: must be <= {meta['max']}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` on the first invalid value (types, ranges, cross-field rules)."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            key = f"{section}.{f.name}"
+            value = _coerce(key, getattr(obj, f.name), _field_type(obj, f.name))
+            _check_rules(key, value, f.metadata)
+    m, t = cfg.model, cfg.train
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.n_heads = {m.n_heads}: must divide model.dim = {m.dim}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.n_heads = {m.n_heads}: dim / n_heads must be even for RoPE")
+    if t.seq_len > m.context:
+        raise ConfigError(f"train.seq_len = {t.seq_len}: must be <= model.context = {m.context}")
+    if cfg.memory.enabled and cfg.memory.dim_head == 0 and m.dim % cfg.memory.heads:
+        raise ConfigError(f"memory.heads = {cfg.memory.heads}: must divide model.dim = {m.dim}")
+    if cfg.moe.top_k > cfg.moe.experts:
+        raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The full resolved config as TOML (readable back with ``--config``)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+    cfg = apply_dict(Config(), data, source="saved config")
+    validate(cfg)
+    return cfg

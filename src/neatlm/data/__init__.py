@@ -1,0 +1,1 @@
+"""Byte corpora and synthetic tasks."""

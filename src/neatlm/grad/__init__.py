@@ -1,0 +1,1 @@
+"""Gradient coordination: components, optimizers, isolation, checkpointing, guards, checks."""

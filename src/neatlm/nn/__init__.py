@@ -1,0 +1,1 @@
+"""nn.Modules: the NeatLM model and its components."""

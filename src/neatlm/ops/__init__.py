@@ -1,0 +1,1 @@
+"""Pure tensor functions. Each fast op has a ``*_reference`` loop beside it; imports only torch."""
