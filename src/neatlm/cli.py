@@ -1,0 +1,155 @@
+"""The ``neat`` command. Each subcommand is a thin call into the package.
+
+Errors a user can cause (bad config, missing files, corrupted checkpoints) print one line and
+exit with code 2; argparse usage errors exit with 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import NeatError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="a shipped preset (see `neat presets`); default: tiny")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file applied after the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one value (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    preset = args.preset if args.preset is not None or args.config is not None else "tiny"
+    return load_config(preset, args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.trainer import Trainer
+
+    if args.resume:
+        if args.preset or args.config:
+            raise NeatError("--resume continues with the run's saved config; drop --preset/--config "
+                            "(use --set to change a value)")
+        trainer = Trainer.resume(args.resume, args.overrides)
+    else:
+        cfg = _load(args)
+        trainer = Trainer(cfg, run_dir=args.run_dir)
+    print(f"neat: {trainer.hw.describe()}; {trainer.model.num_params():,} parameters; "
+          f"data: {trainer.corpus.source} ({trainer.corpus.train.size:,} train / {trainer.corpus.val.size:,} "
+          f"validation bytes); run dir {trainer.run_dir}", file=sys.stderr)
+    result = trainer.train()
+    print(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
+    return 0
+
+
+def _load_run(run: str):
+    """Model and config from a run directory or a checkpoint directory."""
+    from .config import from_dict
+    from .nn.model import NeatLM
+    from .train import checkpoint as ckpt
+
+    tensors, _, state, _ = ckpt.load_checkpoint(run)
+    cfg = from_dict(state["config"])
+    model = NeatLM(cfg)
+    model.load_state_dict(tensors)
+    return model, cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .nn.model import generate
+
+    if args.max_bytes < 0:
+        raise NeatError(f"--max-bytes {args.max_bytes}: must be >= 0")
+    if args.top_k < 0:
+        raise NeatError(f"--top-k {args.top_k}: must be >= 0")
+    model, _ = _load_run(args.run)
+    prompt = torch.tensor(list(args.prompt.encode("utf-8")) or [10], dtype=torch.long)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, prompt, args.max_bytes, args.temperature, args.top_k, gen)
+    sys.stdout.write(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data.corpus import load_corpus
+    from .hardware import detect
+    from .train.evaluate import evaluate_bpb
+
+    model, cfg = _load_run(args.run)
+    hw = detect(cfg.train.device, "fp32")
+    model.to(hw.device)
+    corpus = load_corpus(cfg.data)
+    batches = args.batches or cfg.eval.batches
+    result = evaluate_bpb(model, corpus.val, cfg.train.batch_size, cfg.train.seq_len, batches, hw.device)
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import to_toml
+
+    print(to_toml(_load(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neat", description="Train and use test-time-learning language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: tiny preset on the Python stdlib sources)")
+    _add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="override train.run_dir")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample bytes from a trained run")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-bytes", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation bits per byte of a trained run")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--batches", type=int, default=0, help="0 = eval.batches of the run's config")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("config", help="print the resolved config as TOML")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NeatError as exc:
+        print(f"neat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Byte corpora: the Python standard library by default, or a user's file or directory.
+
+The train/validation split is by file and depends only on each file's path relative to the
+corpus root (a CRC32 of it), so it is the same on every machine and for every file order.
+A corpus of a single file is split by bytes instead: its last ``val_fraction`` is validation.
+
+Batches come from :class:`BatchSampler`, whose batch ``i`` is a pure function of
+``(seed, i)``: its whole state is the position, which goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import DataError
+
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # uint8 bytes
+    val: np.ndarray
+    source: str
+    train_files: int
+    val_files: int
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """Files under ``root`` with one of ``extensions`` (all files if empty), sorted, skipping installed packages."""
+    files = [
+        p for p in root.rglob("*")
+        if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(root).parts)
+        and (not extensions or p.suffix in extensions)
+    ]
+    return sorted(files)
+
+
+def is_validation(relative_path: str, val_fraction: float) -> bool:
+    """Deterministic by-file split: a hash of the relative path, not the file order."""
+    return zlib.crc32(relative_path.encode("utf-8")) / 2**32 < val_fraction
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the corpus named by ``cfg.path`` (empty = stdlib ``.py`` files) and split it."""
+    extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
+                       for e in cfg.extensions.split(",") if e.strip())
+    if cfg.path:
+        root = Path(cfg.path).expanduser()
+        if not root.exists():
+            raise DataError(f"data.path = {cfg.path!r}: no such file or directory")
+        source = str(root)
+    else:
+        root = stdlib_root()
+        source = f"Python standard library ({root})"
+        if not root.is_dir():
+            raise DataError(f"the Python standard library was not found at {root}; set data.path")
+
+    if root.is_file():
+        data = np.frombuffer(_read(root), dtype=np.uint8)
+        if data.size < 2:
+            raise DataError(f"data.path = {cfg.path!r}: the file is empty")
+        n_val = int(round(data.size * cfg.val_fraction))
+        return Corpus(data[: data.size - n_val], data[data.size - n_val:], source, 1, 0)
+
+    files = list_files(root, extensions)
+    if not files:
+        raise DataError(f"{source}: no files ending in {', '.join(extensions) or '(any)'} (see data.extensions)")
+    train_parts, val_parts = [], []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        (val_parts if is_validation(rel, cfg.val_fraction) else train_parts).append(_read(path))
+    if cfg.val_fraction > 0 and not val_parts:  # tiny directories: hold out the last file
+        val_parts.append(train_parts.pop())
+    train = np.frombuffer(b"".join(train_parts), dtype=np.uint8)
+    val = np.frombuffer(b"".join(val_parts), dtype=np.uint8)
+    if train.size < 2:
+        raise DataError(f"{source}: the training files are empty")
+    return Corpus(train, val, source, len(train_parts), len(val_parts))
+
+
+class BatchSampler:
+    """Random windows of ``seq_len + 1`` bytes; batch ``i`` depends only on ``(seed, i)``."""
+
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int, position: int = 0):
+        if data.size < seq_len + 1:
+            raise DataError(f"the training data has {data.size} bytes, fewer than train.seq_len + 1 = {seq_len + 1}")
+        self.data, self.batch_size, self.seq_len, self.seed = data, batch_size, seq_len, seed
+        self.position = position
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 of shape (batch, seq_len); targets are inputs shifted by one."""
+        rng = np.random.default_rng([self.seed, self.position])
+        self.position += 1
+        starts = rng.integers(0, self.data.size - self.seq_len, size=self.batch_size)
+        return windows(self.data, starts, self.seq_len)
+
+
+def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    chunk = torch.from_numpy(data[idx].astype(np.int64))
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def validation_batches(data: np.ndarray, batch_size: int, seq_len: int, n_batches: int):
+    """Evenly spaced windows over the validation data: the same batches for every evaluation."""
+    if data.size < seq_len + 1:
+        raise DataError(f"the validation data has {data.size} bytes, fewer than seq_len + 1 = {seq_len + 1}; "
+                        "raise data.val_fraction or add files")
+    total = batch_size * n_batches
+    starts = np.linspace(0, data.size - seq_len - 1, num=total).astype(np.int64)
+    for i in range(n_batches):
+        yield windows(data, starts[i * batch_size:(i + 1) * batch_size], seq_len)

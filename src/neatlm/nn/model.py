@@ -1,0 +1,166 @@
+"""NeatLM: a byte-level language model assembled from config.
+
+    embedding -> [Block] * n_layers -> RMSNorm -> tied head
+
+    Block(x, state):
+        y, state = mixer(norm1(x), state)     # attention | BK mixer, optionally with memory (MAG/MAL/MAC)
+        x = x + y
+        x = x + channel_mixer(norm2(x))       # SwiGLU | sparse MoE
+
+The block never changes when a component is added: :func:`build_mixer` and
+:func:`build_channel_mixer` pick the parts from config. Every mixer follows one protocol,
+``y, state = mixer(x, state)``, so the whole model carries state exactly:
+``model(idx[:, :a])`` then ``model(idx[:, a:], state)`` equals ``model(idx)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from .attention import CausalSelfAttention
+
+ModelState = list  # one mixer state per block
+
+
+def swiglu_hidden(dim: int, requested: int) -> int:
+    """8/3 * dim rounded up to a multiple of 16 keeps the SwiGLU cost equal to a 4x GELU MLP."""
+    return requested if requested > 0 else 16 * math.ceil(8 * dim / 3 / 16)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def build_mixer(cfg: Config) -> nn.Module:
+    """The sequence mixer of one block, following the ``y, state = mixer(x, state)`` protocol."""
+    m = cfg.model
+    if m.mixer == "attention":
+        mixer: nn.Module = CausalSelfAttention(m.dim, m.n_heads, window=m.window, rope_base=m.rope_base)
+    elif m.mixer == "bk":
+        from .bk import BKMixer
+
+        mixer = BKMixer.from_config(m.dim, cfg.bk)
+    else:  # validated in config
+        raise AssertionError(m.mixer)
+    if cfg.memory.enabled:
+        from .memory_mixer import build_memory_mixer
+
+        mixer = build_memory_mixer(m.dim, cfg.memory, mixer)
+    return mixer
+
+
+def build_channel_mixer(cfg: Config) -> nn.Module:
+    m = cfg.model
+    hidden = swiglu_hidden(m.dim, m.mlp_hidden)
+    if m.mlp == "swiglu":
+        return SwiGLU(m.dim, hidden)
+    if m.mlp == "moe":
+        from .moe import MoE
+
+        return MoE.from_config(m.dim, hidden, cfg.moe)
+    raise AssertionError(m.mlp)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.model.dim, eps=cfg.model.norm_eps)
+        self.mixer = build_mixer(cfg)
+        self.norm2 = nn.RMSNorm(cfg.model.dim, eps=cfg.model.norm_eps)
+        self.mlp = build_channel_mixer(cfg)
+
+    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        y, state = self.mixer(self.norm1(x), state)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, state
+
+
+class NeatLM(nn.Module):
+    """``logits, state = model(idx, state=None)`` for byte ids ``idx`` of shape (batch, time)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.embed = nn.Embedding(m.vocab_size, m.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
+        self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, init_std) for matrices, residual projections scaled by 1/sqrt(2 L).
+
+        Only ``nn.Linear`` and ``nn.Embedding`` weights are touched here; components with their
+        own parameters (memory gates, BK potentials, ...) initialise themselves.
+        """
+        std = self.cfg.model.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.cfg.model.n_layers) if name.endswith(("proj", "down")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        x = self.embed(idx)
+        states = state if state is not None else [None] * len(self.blocks)
+        new_states: ModelState = []
+        for block, s in zip(self.blocks, states):
+            x, s = block(x, s)
+            new_states.append(s)
+        logits = F.linear(self.norm(x), self.embed.weight)  # tied head
+        return logits, new_states
+
+    def aux_loss(self) -> Tensor | None:
+        """Sum of auxiliary losses components left from the last forward (e.g. MoE load balance)."""
+        terms = [m.aux_loss for m in self.modules() if m is not self and isinstance(getattr(m, "aux_loss", None), Tensor)]
+        return torch.stack(terms).sum() if terms else None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-byte cross-entropy in nats; ``targets`` are the inputs shifted by one."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+@torch.no_grad()
+def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Sample ``max_new`` bytes after ``prompt`` (1-D) carrying the model state (KV cache, memory).
+
+    temperature 0 means greedy decoding.
+    """
+    was_training = model.training
+    model.eval()
+    logits, state = model(prompt[None])
+    out = []
+    for _ in range(max_new):
+        last = logits[0, -1].float()
+        if temperature <= 0:
+            nxt = last.argmax()
+        else:
+            last = last / temperature
+            if top_k > 0:
+                kth = torch.topk(last, min(top_k, last.numel())).values[-1]
+                last = last.masked_fill(last < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)[0]
+        out.append(nxt)
+        logits, state = model(nxt.view(1, 1), state)
+    model.train(was_training)
+    return torch.stack(out) if out else prompt.new_empty(0)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small text corpus made on the fly and a config small enough for CPU tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from neatlm.config import Config, validate
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
+
+
+def write_corpus(root: Path, n_files: int = 12, seed: int = 0) -> Path:
+    """Python-looking files with enough structure for a tiny model to learn something."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["alpha", "beta", "gamma", "delta", "value", "index", "total", "result"]
+    for i in range(n_files):
+        lines = []
+        for j in range(60):
+            a, b = rng.choice(words), rng.choice(words)
+            lines.append(f"def {a}_{j}({b}):\n    return {b} + {rng.randint(0, 9)}\n")
+        (root / f"mod_{i:02d}.py").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+def small_config(corpus: Path, run_dir: Path, **train) -> Config:
+    cfg = Config()
+    cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.context = 32, 2, 2, 64
+    cfg.data.path = str(corpus)
+    cfg.data.val_fraction = 0.2
+    t = cfg.train
+    t.steps, t.batch_size, t.seq_len, t.warmup_steps = 8, 4, 32, 2
+    t.log_every, t.save_every, t.run_dir, t.progress = 1, 4, str(run_dir), False
+    t.device, t.precision = "cpu", "fp32"
+    cfg.eval.every, cfg.eval.batches = 4, 2
+    for k, v in train.items():
+        setattr(t, k, v)
+    validate(cfg)
+    return cfg

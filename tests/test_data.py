@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_corpus
+from neatlm.config import DataConfig
+from neatlm.data.corpus import BatchSampler, is_validation, list_files, load_corpus, stdlib_root
+from neatlm.data.synthetic import IGNORE, mqar_accuracy, mqar_batch
+from neatlm.errors import DataError
+
+
+def test_split_is_by_file_and_deterministic(tmp_path: Path):
+    root = write_corpus(tmp_path / "c", n_files=40)
+    cfg = DataConfig(path=str(root), val_fraction=0.25)
+    a, b = load_corpus(cfg), load_corpus(cfg)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    assert a.train_files + a.val_files == 40 and 0 < a.val_files < 40
+    val_names = [p.name for p in list_files(root, (".py",)) if is_validation(p.name, 0.25)]
+    assert len(val_names) == a.val_files
+    # the split does not depend on file order: it is a function of the relative path alone
+    assert is_validation("mod_03.py", 0.25) == is_validation("mod_03.py", 0.25)
+
+
+def test_default_corpus_is_stdlib_without_site_packages():
+    files = list_files(stdlib_root(), (".py",))
+    assert len(files) > 100
+    assert not any("site-packages" in p.parts for p in files)
+
+
+def test_single_file_splits_by_bytes(tmp_path: Path):
+    f = tmp_path / "one.txt"
+    f.write_bytes(bytes(range(256)) * 4)
+    c = load_corpus(DataConfig(path=str(f), val_fraction=0.25))
+    assert c.train.size == 768 and c.val.size == 256
+
+
+def test_bad_paths_give_clear_errors(tmp_path: Path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_corpus(DataConfig(path=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no files ending in .py"):
+        load_corpus(DataConfig(path=str(tmp_path / "empty")))
+    (tmp_path / "e.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="the file is empty"):
+        load_corpus(DataConfig(path=str(tmp_path / "e.txt")))
+
+
+def test_unreadable_file_is_named(tmp_path: Path, monkeypatch):
+    root = write_corpus(tmp_path / "c", n_files=3)
+    original = Path.read_bytes
+
+    def fail(self):
+        if self.name == "mod_01.py":
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    with pytest.raises(DataError, match="cannot read .*mod_01.py: Permission denied"):
+        load_corpus(DataConfig(path=str(root)))
+
+
+def test_sampler_is_a_function_of_seed_and_position():
+    data = np.arange(1000, dtype=np.int64).astype(np.uint8)
+    s = BatchSampler(data, 4, 16, seed=3)
+    batches = [s.next() for _ in range(5)]
+    resumed = BatchSampler(data, 4, 16, seed=3, position=3)
+    x, y = resumed.next()
+    assert torch.equal(x, batches[3][0]) and torch.equal(y, batches[3][1])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    other = BatchSampler(data, 4, 16, seed=4).next()[0]
+    assert not torch.equal(other, batches[0][0])
+
+
+def test_mqar_layout_and_scoring():
+    x, y = mqar_batch(8, 64, pairs=8, vocab=64, seed=1)
+    assert x.shape == y.shape == (8, 64)
+    for b in range(8):
+        pairs = {int(x[b, i]): int(x[b, i + 1]) for i in range(0, 16, 2)}
+        q = (y[b] != IGNORE).nonzero().flatten()
+        assert len(q) == 8
+        for t in q.tolist():
+            assert int(y[b, t]) == pairs[int(x[b, t])]  # the answer is the value of the queried key
+    assert torch.equal(mqar_batch(8, 64, 8, 64, seed=1)[0], x)
+    perfect = torch.nn.functional.one_hot(y.clamp(min=0), 64).float()
+    assert mqar_accuracy(perfect, y) == 1.0
+    assert mqar_accuracy(torch.zeros(8, 64, 64), y) == 0.0
+    with pytest.raises(ValueError, match="exceeds seq_len"):
+        mqar_batch(1, 10, pairs=8)

@@ -1,0 +1,124 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_config
+from neatlm.cli import main
+from neatlm.errors import CheckpointError
+from neatlm.train import checkpoint as ckpt
+from neatlm.train.metrics import read_metrics
+from neatlm.train.trainer import Trainer, lr_at
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(55, 1.0, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_resume_is_bit_exact(corpus_dir, tmp_path):
+    whole = Trainer(small_config(corpus_dir, tmp_path / "whole"))
+    whole.train()
+    split = Trainer(small_config(corpus_dir, tmp_path / "split"))
+    split.train(until_step=3)  # stops and checkpoints at step 3 as a crash would leave it
+    del split
+    resumed = Trainer.resume(tmp_path / "split")
+    assert resumed.step == 3
+    resumed.train()
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert list(b) == list(range(1, 9))  # records are not duplicated by the resume
+    assert a == b  # bit for bit
+    for (n, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_layout_and_keep_last(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "r", save_every=2, keep_last=2)
+    Trainer(cfg).train()
+    found = ckpt.list_checkpoints(tmp_path / "r")
+    assert [p.name for p in found] == ["step_0000006", "step_0000008"]
+    last = found[-1]
+    assert {p.name for p in last.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
+    torch.load(last / "optimizer.pt", weights_only=True)
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 8 and state["sampler_position"] == 8 and "torch" in state["rng"]
+    assert (tmp_path / "r" / "config.toml").is_file()
+
+
+def test_crash_during_save_keeps_previous_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    trainer = Trainer(small_config(corpus_dir, tmp_path / "r"))
+    trainer.train(until_step=4)
+    good = ckpt.list_checkpoints(tmp_path / "r")[-1]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train(until_step=6)
+    monkeypatch.undo()
+    assert ckpt.list_checkpoints(tmp_path / "r") == [good]
+    ckpt.load_checkpoint(tmp_path / "r")  # still loadable
+    assert Trainer.resume(tmp_path / "r").step == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "state"])
+def test_corrupted_checkpoint_is_named_and_previous_stays_loadable(corpus_dir, tmp_path, damage):
+    Trainer(small_config(corpus_dir, tmp_path / "r")).train()  # saves at 4 and 8
+    first, last = ckpt.list_checkpoints(tmp_path / "r")
+    target = last / ("state.json" if damage == "state" else "model.safetensors")
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        target.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])
+    else:
+        target.write_text("{not json")
+    with pytest.raises(CheckpointError) as err:
+        Trainer.resume(tmp_path / "r")
+    assert str(target) in str(err.value) and str(first) in str(err.value)
+    assert Trainer.resume(first).step == 4
+
+
+def test_cli_train_generate_eval(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--set", f"data.path={corpus_dir}", "--set", "model.dim=32", "--set", "model.n_layers=1",
+                 "--set", "model.n_heads=2", "--set", "train.steps=3", "--set", "train.batch_size=2",
+                 "--set", "train.seq_len=32", "--set", "eval.batches=1", "--set", "train.progress=false",
+                 "--set", "data.val_fraction=0.2", "--run-dir", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 3 and "val_bpb" in out
+    assert main(["generate", "--run", str(run), "--prompt", "def ", "--max-bytes", "20", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def ") and len(text.encode("utf-8", errors="replace")) >= 20
+    assert main(["eval", "--run", str(run), "--batches", "1"]) == 0
+    assert "val_bpb" in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--set", "model.dim=abc"], "model.dim = 'abc': expected an integer"),
+    (["train", "--set", "train.steps=0"], "train.steps = 0: must be >= 1"),
+    (["train", "--preset", "nope"], "unknown preset"),
+    (["train", "--config", "/nonexistent.toml"], "/nonexistent.toml does not exist"),
+    (["train", "--set", "data.path=/nonexistent/corpus"], "data.path = '/nonexistent/corpus': no such file"),
+    (["train", "--resume", "/nonexistent/run"], "/nonexistent/run: no such run"),
+    (["generate", "--run", "/nonexistent/run"], "/nonexistent/run: no such run"),
+    (["eval", "--run", "/nonexistent/run"], "/nonexistent/run: no such run"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--bogus"])
+    assert exc.value.code == 2
