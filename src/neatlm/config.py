@@ -52,27 +52,32 @@ class ModelConfig:
 @dataclass
 class MemoryConfig:
     enabled: bool = _f(False, "add a test-time memory branch to every block")
-    combine: str = _f("mag", "how memory joins attention", choices=("mag", "mal", "mac"))
+    combine: str = _f("mag", "how memory joins attention: mag = SWA(x)*sigmoid(M(x)), mal = SWA(M(x)), "
+                      "mac = per chunk SWA(x + read(x)) then learn from it", choices=("mag", "mal", "mac"))
     heads: int = _f(1, "memory heads", min=1)
     dim_head: int = _f(0, "width per memory head; 0 = dim // heads", min=0)
-    chunk_size: int = _f(64, "tokens per chunk sharing one linearisation point", min=1)
+    chunk_size: int = _f(64, "tokens per memory step: one linearisation point and one optimiser step per "
+                         "chunk of the absolute position grid (also the MAC segment)", min=1)
     function: str = _f("mlp", "memory function", choices=("linear", "mlp"))
     depth: int = _f(2, "layers of the MLP memory", min=2)
     expansion: float = _f(2.0, "hidden width of the MLP memory / dim_head", min=0.25)
     residual: bool = _f(True, "MLP memory computes k + branch(k)")
-    norm: bool = _f(False, "normalise the MLP memory branch output")
-    objective: str = _f("titans", "inner objective", choices=("titans", "omega"))
-    omega_window: int = _f(4, "Omega rule window c (tokens)", min=1)
+    norm: bool = _f(False, "LayerNorm (no affine) on the MLP memory branch output")
+    objective: str = _f("titans", "inner objective: titans = one token, omega = window of omega_window tokens",
+                        choices=("titans", "omega"))
+    omega_window: int = _f(4, "Omega rule window c (tokens each token's inner objective covers)", min=1)
     features: str = _f("identity", "key/query feature map", choices=("identity", "poly"))
     poly_degree: int = _f(2, "degree of the polynomial feature map", min=2, max=4)
     optimizer: str = _f("momentum", "inner optimiser", choices=("momentum", "muon"))
     ns_steps: int = _f(5, "Newton-Schulz steps for the Muon inner optimiser", min=1)
-    max_lr: float = _f(0.1, "cap of the data-dependent inner learning rate", min=0.0)
-    max_grad_norm: float = _f(0.0, "cap on the inner gradient norm; 0 = off", min=0.0)
+    max_lr: float = _f(0.1, "cap of the data-dependent per-token inner learning rate", min=0.0)
+    max_grad_norm: float = _f(1.0, "cap on each token's inner gradient norm (keeps the memory stable "
+                              "at init); 0 = off", min=0.0)
     learn_init: bool = _f(True, "meta-learn the initial memory weights in the outer loop")
     reset: str = _f("sequence", "when memory returns to its initial state",
                     choices=("sequence", "batch", "never"))
-    detach_output: bool = _f(False, "stop outer gradients at the memory read")
+    detach_output: bool = _f(False, "outer gradients reach the memory read only, not the fast-weight "
+                             "trajectory (k, v, gates, W0 get no outer gradient)")
 
 
 @dataclass
@@ -101,7 +106,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(2000, "optimizer steps", min=1)
+    steps: int = _f(1200, "optimizer steps", min=1)
     batch_size: int = _f(16, "sequences per micro-batch", min=1)
     seq_len: int = _f(256, "tokens per sequence (<= model.context)", min=2)
     accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
@@ -117,7 +122,7 @@ class TrainConfig:
     precision: str = _f("auto", "auto = measured", choices=("auto", "fp32", "bf16", "fp16"))
     threads: int = _f(0, "CPU threads; 0 = torch default", min=0)
     log_every: int = _f(10, "steps between metric records", min=1)
-    save_every: int = _f(500, "steps between checkpoints (and one at the end)", min=1)
+    save_every: int = _f(300, "steps between checkpoints (and one at the end)", min=1)
     keep_last: int = _f(2, "checkpoints kept", min=1)
     run_dir: str = _f("runs/default", "where checkpoints, config and metrics go")
     progress: bool = _f(True, "show a progress bar")
@@ -125,7 +130,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = _f(250, "steps between validation runs; 0 = only at the end", min=0)
+    every: int = _f(300, "steps between validation runs; 0 = only at the end", min=0)
     batches: int = _f(20, "validation batches per evaluation", min=1)
 
 
