@@ -27,6 +27,7 @@ def test_overrides_and_types():
     ("model.n_heads=3", "model.n_heads = 3: must divide model.dim = 128"),
     ("memory.enabled=maybe", "memory.enabled = 'maybe': expected a boolean"),
     ("train.lr", "expected section.key=value"),
+    ("train.lr=nan", "train.lr = nan: must be a finite number"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, fragment):
     with pytest.raises(ConfigError) as err:

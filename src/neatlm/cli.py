@@ -92,6 +92,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when every parameter's gradient is present and matches central differences, else 1."""
+    import torch
+
+    from .grad.check import check_gradients
+    from .nn.model import NeatLM
+
+    cfg = _load(args)
+    if args.samples < 1 or args.seq_len < 2 or args.batch < 1:
+        raise NeatError("--samples, --batch must be >= 1 and --seq-len >= 2")
+    torch.manual_seed(args.seed)
+    model = NeatLM(cfg)
+    x = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1),
+                      generator=torch.Generator().manual_seed(args.seed))
+    report = check_gradients(model, x[:, :-1], x[:, 1:], samples=args.samples, tolerance=args.tolerance,
+                             seed=args.seed)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .train.sweep import plan, results_table, run_sweep
+
+    preset = args.preset if args.preset is not None or args.config is not None else "tiny"
+    points = plan(args.grid, preset, args.config, args.overrides)  # validates every point first
+    print(f"neat: sweep of {len(points)} runs into {args.out}", file=sys.stderr)
+    results = run_sweep(points, args.out)
+    print(results_table(results), end="")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .config import preset_names
 
@@ -129,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="RUN_DIR")
     p.add_argument("--batches", type=int, default=0, help="0 = eval.batches of the run's config")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("gradcheck", help="check every parameter's gradient against central differences")
+    _add_config_args(p)
+    p.add_argument("--samples", type=int, default=4, help="entries checked per parameter tensor")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest relative error accepted")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("sweep", help="train over a grid of config values and tabulate the results")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2,...",
+                   help="values to sweep for one key (repeatable: the grid is the product)")
+    p.add_argument("--out", default="runs/sweep", help="directory for the runs and results.md")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)

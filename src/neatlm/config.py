@@ -10,6 +10,7 @@ Defaults equal the ``tiny`` preset, so ``Config()`` is the model ``neat train`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -82,9 +83,12 @@ class MemoryConfig:
 
 @dataclass
 class BKConfig:
-    causal: bool = _f(True, "leading-submatrix resolvent (no future leak)")
+    causal: bool = _f(True, "leading-submatrix resolvent (no future leak); false sees the whole sequence")
+    heads: int = _f(0, "independent resolvent chains per mixer; 0 = dim // 16", min=0)
+    v_max: float = _f(3.0, "bound of the input-dependent potential |v - h0|", min=0.0)
+    min_imag: float = _f(0.05, "floor on Im z (|G| <= 1 / Im z)", min=1e-4)
     grad_blend: float = _f(0.0, "ablation: blend of the old diagonal-only gradient", min=0.0, max=1.0)
-    precision: str = _f("complex128", "scan precision",
+    precision: str = _f("complex128", "scan precision; mixed = forward complex128, backward complex64",
                         choices=("complex128", "complex64", "mixed"))
 
 
@@ -94,6 +98,8 @@ class MoEConfig:
     top_k: int = _f(2, "experts per token", min=1, max=2)
     capacity_factor: float = _f(0.0, "drop tokens above this load factor; 0 = no cap", min=0.0)
     aux_loss_weight: float = _f(0.01, "weight of the load-balancing loss", min=0.0)
+    impl: str = _f("autograd", "expert backward: autograd (saves activations) or recompute (hand-written, "
+                   "saves inputs only)", choices=("autograd", "recompute"))
 
 
 @dataclass
@@ -275,6 +281,8 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 # ----------------------------------------------------------------------------- validation
 
 def _check_rules(key: str, value: Any, meta: dict[str, Any]) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: must be a finite number")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key} = {value!r}: allowed values are {', '.join(map(repr, meta['choices']))}")
     if "min" in meta and value < meta["min"]:

@@ -11,3 +11,7 @@ class DataError(NeatError):
 
 class CheckpointError(NeatError):
     """A checkpoint or run directory is missing, truncated or corrupted."""
+
+
+class TrainingDiverged(NeatError):
+    """The loss or the gradients became non-finite and could not be recovered."""

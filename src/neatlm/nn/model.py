@@ -135,8 +135,15 @@ class NeatLM(nn.Module):
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-byte cross-entropy in nats; ``targets`` are the inputs shifted by one."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    """Mean next-byte cross-entropy in nats; ``targets`` are the inputs shifted by one.
+
+    Half-precision logits are upcast to fp32 for the softmax; fp32 and fp64 stay as they are
+    (the float64 gradient checker depends on it).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    return F.cross_entropy(flat, targets.reshape(-1))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import Config, from_dict, to_toml
 from ..data.corpus import BatchSampler, load_corpus
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingDiverged
 from ..hardware import detect
 from ..nn.model import NeatLM, lm_loss
 from . import checkpoint as ckpt
@@ -106,7 +106,16 @@ class Trainer:
             torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
         truncate_after(self.run_dir, self.step)
 
+    def _check_finite(self, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training diverged at step {self.step}: the {what} is {value}; the last good "
+                                   f"checkpoint is in {ckpt.checkpoint_root(self.run_dir)} "
+                                   "(try a lower train.lr or train.grad_clip)")
+
     def save(self) -> Path:
+        """Checkpoint now; refuses to write non-finite weights over good checkpoints."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            self._check_finite("model weights", math.nan)
         rng = {"torch": _encode_rng(torch.get_rng_state())}
         if torch.cuda.is_available():
             rng["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
@@ -166,6 +175,8 @@ class Trainer:
         try:
             while self.step < end:
                 loss, norm = self.train_step()
+                self._check_finite("training loss", loss.item())
+                self._check_finite("gradient norm", norm.item())
                 window_steps += 1
                 if self.step % t.log_every == 0 or self.step == end:
                     elapsed = time.perf_counter() - window_start
@@ -180,6 +191,7 @@ class Trainer:
                     window_start = time.perf_counter()
                 if (e.every and self.step % e.every == 0) or self.step == t.steps:
                     val = self.evaluate()
+                    self._check_finite("validation loss", val["val_loss"])
                     self.best_val = min(self.best_val, val["val_loss"])
                     metrics.write(self.step, val)
                     last.update(val)
