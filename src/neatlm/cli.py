@@ -39,11 +39,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _load(args)
         trainer = Trainer(cfg, run_dir=args.run_dir)
-    print(f"neat: {trainer.hw.describe()}; {trainer.model.num_params():,} parameters; "
-          f"data: {trainer.corpus.source} ({trainer.corpus.train.size:,} train / {trainer.corpus.val.size:,} "
-          f"validation bytes); run dir {trainer.run_dir}", file=sys.stderr)
-    result = trainer.train()
-    print(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
+    from .train.distributed import shutdown
+
+    try:
+        if trainer.dist.is_main:
+            procs = f"; {trainer.dist.world} processes" if trainer.dist.enabled else ""
+            print(f"neat: {trainer.hw.describe()}{procs}; {trainer.model.num_params():,} parameters; "
+                  f"data: {trainer.corpus.source} ({trainer.corpus.train.size:,} train / "
+                  f"{trainer.corpus.val.size:,} validation bytes); run dir {trainer.run_dir}", file=sys.stderr)
+        result = trainer.train()
+    finally:
+        shutdown(trainer.dist)
+    if trainer.dist.is_main:
+        print(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
     return 0
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import Config, from_dict, to_toml
@@ -23,6 +25,7 @@ from ..errors import CheckpointError, TrainingDiverged
 from ..hardware import detect
 from ..nn.model import NeatLM, lm_loss
 from . import checkpoint as ckpt
+from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate_bpb
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
 
@@ -61,9 +64,16 @@ class Trainer:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.hw = detect(t.device, t.precision, probe_size=cfg.model.dim * 2)
+        self.dist = init_distributed(self.hw.device.type)
+        if self.dist.enabled and self.hw.device.type == "cuda":
+            self.hw.device = torch.device("cuda", self.dist.local_rank)
+        self.rows = self.dist.rows(t.batch_size)
         self.corpus = load_corpus(cfg.data)
         torch.manual_seed(t.seed)
         self.model = NeatLM(cfg).to(self.hw.device)
+        # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
+        self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None) \
+            if self.dist.enabled else self.model
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
             fused=self.hw.device.type == "cuda")
@@ -104,7 +114,8 @@ class Trainer:
         torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
         if torch.cuda.is_available() and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
-        truncate_after(self.run_dir, self.step)
+        if self.dist.is_main:
+            truncate_after(self.run_dir, self.step)
 
     def _check_finite(self, what: str, value: float) -> None:
         if not math.isfinite(value):
@@ -112,18 +123,23 @@ class Trainer:
                                    f"checkpoint is in {ckpt.checkpoint_root(self.run_dir)} "
                                    "(try a lower train.lr or train.grad_clip)")
 
-    def save(self) -> Path:
-        """Checkpoint now; refuses to write non-finite weights over good checkpoints."""
+    def save(self) -> Path | None:
+        """Checkpoint now (rank 0 writes, the others wait); never writes non-finite weights."""
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             self._check_finite("model weights", math.nan)
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return None
         rng = {"torch": _encode_rng(torch.get_rng_state())}
         if torch.cuda.is_available():
             rng["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
         state = {"config": self.cfg.to_dict(), "sampler_position": self.sampler.position, "rng": rng,
                  "best_val": self.best_val, "device": str(self.hw.device), "precision": self.hw.precision}
         optim = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), optim, state,
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), optim, state,
                                     keep_last=self.cfg.train.keep_last)
+        barrier(self.dist)
+        return path
 
     # ------------------------------------------------------------------ loop
 
@@ -134,15 +150,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=dev)
-        for _ in range(t.accum_steps):
+        for micro in range(t.accum_steps):
             x, y = self.sampler.next()
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with self.hw.autocast():
-                logits, _ = self.model(x)
-                loss = lm_loss(logits, y)
-                aux = self.model.aux_loss()
-                objective = loss if aux is None else loss + aux
-            self.scaler.scale(objective / t.accum_steps).backward()
+            x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
+            last_micro = micro == t.accum_steps - 1
+            # gradients are all-reduced once per optimizer step, on the last micro-batch
+            sync = nullcontext() if last_micro or not self.dist.enabled else self.ddp_model.no_sync()
+            with sync:
+                with self.hw.autocast():
+                    logits, _ = self.ddp_model(x)
+                    loss = lm_loss(logits, y)
+                    aux = self.model.aux_loss()
+                    objective = loss if aux is None else loss + aux
+                self.scaler.scale(objective / t.accum_steps).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -154,7 +174,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / t.accum_steps, norm
+        return all_reduce_mean(total / t.accum_steps, self.dist), norm
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train
@@ -165,11 +185,14 @@ class Trainer:
         """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there)."""
         t, e = self.cfg.train, self.cfg.eval
         end = t.steps if until_step is None else min(until_step, t.steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
-        metrics = MetricsWriter(self.run_dir)
+        main = self.dist.is_main  # only rank 0 writes files and shows progress
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+        metrics = MetricsWriter(self.run_dir) if main else None
         tokens_per_step = t.batch_size * t.seq_len * t.accum_steps
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
+                   dynamic_ncols=True)
         last: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         try:
@@ -184,7 +207,8 @@ class Trainer:
                     last = {"loss": loss_value, "bpb": bits_per_byte(loss_value), "grad_norm": norm.item(),
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
-                    metrics.write(self.step, last)
+                    if metrics:
+                        metrics.write(self.step, last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{last['bpb']:.3f}",
                                     tok_s=f"{last['tokens_per_s']:.0f}")
                     window_steps = 0
@@ -193,9 +217,10 @@ class Trainer:
                     val = self.evaluate()
                     self._check_finite("validation loss", val["val_loss"])
                     self.best_val = min(self.best_val, val["val_loss"])
-                    metrics.write(self.step, val)
                     last.update(val)
-                    bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, val_bpb {val['val_bpb']:.4f}")
+                    if metrics:
+                        metrics.write(self.step, val)
+                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, val_bpb {val['val_bpb']:.4f}")
                     window_start = time.perf_counter()  # do not charge evaluation to tokens/s
                 if self.step % t.save_every == 0 or self.step == end:
                     self.save()
@@ -203,5 +228,6 @@ class Trainer:
                 bar.update(1)
         finally:
             bar.close()
-            metrics.close()
+            if metrics:
+                metrics.close()
         return last
