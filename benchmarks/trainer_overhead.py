@@ -35,7 +35,7 @@ def bare_loop(trainer: Trainer, steps: int) -> float:
     torch.manual_seed(t.seed)
     model = NeatLM(cfg)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
-    sampler = BatchSampler(trainer.corpus.train, t.batch_size, t.seq_len, cfg.data.seed)
+    sampler = BatchSampler(trainer.data.corpus.train, t.batch_size, t.seq_len, cfg.data.seed)
     start = time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:

@@ -45,8 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if trainer.dist.is_main:
             procs = f"; {trainer.dist.world} processes" if trainer.dist.enabled else ""
             print(f"neat: {trainer.hw.describe()}{procs}; {trainer.model.num_params():,} parameters; "
-                  f"data: {trainer.corpus.source} ({trainer.corpus.train.size:,} train / "
-                  f"{trainer.corpus.val.size:,} validation bytes); run dir {trainer.run_dir}", file=sys.stderr)
+                  f"data: {trainer.data.describe()}; run dir {trainer.run_dir}", file=sys.stderr)
         result = trainer.train()
     finally:
         shutdown(trainer.dist)
@@ -86,17 +85,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data.corpus import load_corpus
+    from .config import apply_overrides, validate
+    from .data.source import build_data
     from .hardware import detect
-    from .train.evaluate import evaluate_bpb
+    from .train.evaluate import evaluate
 
     model, cfg = _load_run(args.run)
+    if args.task:
+        apply_overrides(cfg, [f"data.task={args.task}"])
+        validate(cfg)
     hw = detect(cfg.train.device, "fp32")
     model.to(hw.device)
-    corpus = load_corpus(cfg.data)
-    batches = args.batches or cfg.eval.batches
-    result = evaluate_bpb(model, corpus.val, cfg.train.batch_size, cfg.train.seq_len, batches, hw.device)
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    data = build_data(cfg)
+    batches = data.validation(args.batches or cfg.eval.batches)
+    result = evaluate(model, batches, cfg.train.segments, hw.device, accuracy=data.task == "mqar")
+    print(json.dumps({"task": data.task, **{k: round(v, 4) for k, v in result.items()}}))
     return 0
 
 
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation bits per byte of a trained run")
     p.add_argument("--run", required=True, metavar="RUN_DIR")
     p.add_argument("--batches", type=int, default=0, help="0 = eval.batches of the run's config")
+    p.add_argument("--task", choices=("text", "mqar"), default=None,
+                   help="text: validation bits per byte; mqar: query accuracy (default: the run's task)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("gradcheck", help="check every parameter's gradient against central differences")

@@ -108,6 +108,10 @@ class DataConfig:
     val_fraction: float = _f(0.05, "fraction of files held out for validation", min=0.0, max=0.5)
     extensions: str = _f(".py", "comma-separated file suffixes read from a directory")
     seed: int = _f(1337, "seed of the batch sampler", min=0)
+    task: str = _f("text", "text = next byte of the corpus; mqar = multi-query associative recall",
+                   choices=("text", "mqar"))
+    mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
+    mqar_queries: int = _f(0, "MQAR queries per sequence; 0 = one per pair", min=0)
 
 
 @dataclass
@@ -116,6 +120,8 @@ class TrainConfig:
     batch_size: int = _f(16, "sequences per micro-batch", min=1)
     seq_len: int = _f(256, "tokens per sequence (<= model.context)", min=2)
     accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
+    segments: int = _f(1, "consecutive seq_len segments per sampled window; memory state is carried and "
+                       "detached between them (truncated backprop through long documents)", min=1)
     lr: float = _f(3e-3, "peak learning rate", min=0.0)
     min_lr_ratio: float = _f(0.1, "final learning rate / peak", min=0.0, max=1.0)
     warmup_steps: int = _f(100, "linear warmup steps", min=0)
@@ -135,6 +141,12 @@ class TrainConfig:
 
 
 @dataclass
+class TTLConfig:
+    warmup_steps: int = _f(0, "outer steps during which memory reads its initial weights without learning", min=0)
+    update_every: int = _f(1, "memory takes its inner step on every n-th chunk only", min=1)
+
+
+@dataclass
 class EvalConfig:
     every: int = _f(300, "steps between validation runs; 0 = only at the end", min=0)
     batches: int = _f(20, "validation batches per evaluation", min=1)
@@ -148,6 +160,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ttl: TTLConfig = field(default_factory=TTLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -308,6 +321,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.seq_len = {t.seq_len}: must be <= model.context = {m.context}")
     if cfg.memory.enabled and cfg.memory.dim_head == 0 and m.dim % cfg.memory.heads:
         raise ConfigError(f"memory.heads = {cfg.memory.heads}: must divide model.dim = {m.dim}")
+    if cfg.memory.reset == "never" and m.window == 0:
+        raise ConfigError("memory.reset = 'never': needs model.window > 0 (state carried forever would keep an "
+                          "ever-growing full-attention cache)")
+    d = cfg.data
+    if d.task == "mqar":
+        queries = d.mqar_queries or d.mqar_pairs
+        if queries > d.mqar_pairs:
+            raise ConfigError(f"data.mqar_queries = {d.mqar_queries}: must be <= data.mqar_pairs = {d.mqar_pairs}")
+        if 2 * d.mqar_pairs + 2 * queries > t.seq_len:
+            raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: 2 * pairs + 2 * queries = "
+                              f"{2 * d.mqar_pairs + 2 * queries} must fit in train.seq_len = {t.seq_len}")
+        if d.mqar_pairs > m.vocab_size // 2 - 1:
+            raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be < model.vocab_size / 2 - 1 "
+                              f"= {m.vocab_size // 2 - 1} (keys must be distinct)")
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
 

@@ -54,3 +54,19 @@ def mqar_accuracy(logits: Tensor, targets: Tensor) -> float:
     if not mask.any():
         raise ValueError("no query positions in targets")
     return (logits.argmax(-1)[mask] == targets[mask]).float().mean().item()
+
+
+class MQARSampler:
+    """Fresh MQAR batches; batch ``i`` is a function of ``(seed, i)`` like the text sampler."""
+
+    def __init__(self, batch_size: int, seq_len: int, pairs: int, vocab: int, queries: int | None, seed: int,
+                 position: int = 0):
+        self.batch_size, self.seq_len, self.pairs, self.vocab = batch_size, seq_len, pairs, vocab
+        self.queries, self.seed, self.position = queries, seed, position
+        mqar_batch(1, seq_len, pairs, vocab, queries, seed=0)  # fail now on impossible settings
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        batch = mqar_batch(self.batch_size, self.seq_len, self.pairs, self.vocab, self.queries,
+                           seed=self.seed * 1_000_003 + self.position)
+        self.position += 1
+        return batch

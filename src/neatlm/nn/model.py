@@ -134,8 +134,9 @@ class NeatLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-byte cross-entropy in nats; ``targets`` are the inputs shifted by one.
+def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy in nats; ``targets`` are the inputs shifted by one, and
+    positions marked -100 are not scored (MQAR scores only its queries).
 
     Half-precision logits are upcast to fp32 for the softmax; fp32 and fp64 stay as they are
     (the float64 gradient checker depends on it).
@@ -143,7 +144,7 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     flat = logits.reshape(-1, logits.shape[-1])
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
-    return F.cross_entropy(flat, targets.reshape(-1))
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
 @torch.no_grad()

@@ -1,29 +1,47 @@
-"""Validation: mean next-byte loss and bits per byte over fixed, evenly spaced windows."""
+"""Validation: loss, bits per byte and (for MQAR) query accuracy over fixed batches.
+
+Each validation window starts from a fresh state and runs as the same consecutive segments as
+training, carrying state between them, so memory is measured the way it is used.
+"""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import ContextManager, Iterable
 
-import numpy as np
 import torch
 
-from ..data.corpus import validation_batches
+from ..data.synthetic import IGNORE
 from ..nn.model import NeatLM, lm_loss
 from .metrics import bits_per_byte
+from .state_io import detach_state
 
 
 @torch.no_grad()
-def evaluate_bpb(model: NeatLM, val: np.ndarray, batch_size: int, seq_len: int, n_batches: int,
-                 device: torch.device, autocast: ContextManager | None = None) -> dict[str, float]:
-    """{"val_loss": nats per byte, "val_bpb": bits per byte}. Each window starts a fresh sequence."""
+def evaluate(model: NeatLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], segments: int,
+             device: torch.device, autocast: ContextManager | None = None, accuracy: bool = False) -> dict[str, float]:
+    """{"val_loss": nats per scored token, "val_bpb": bits per byte[, "val_acc": arg-max accuracy]}.
+
+    Test-time learning still runs here (no_grad only skips the graph).
+    """
     was_training = model.training
     model.eval()
-    total = 0.0
-    for x, y in validation_batches(val, batch_size, seq_len, n_batches):
-        with autocast or nullcontext():
-            logits, _ = model(x.to(device))
-        total += lm_loss(logits, y.to(device)).item()
+    loss_sum, count, correct = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        state = None
+        for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
+            with autocast or nullcontext():
+                logits, state = model(xs, state)
+            state = detach_state(state)
+            scored = ys != IGNORE
+            if scored.any():
+                loss_sum += lm_loss(logits, ys, reduction="sum").item()
+                correct += (logits.argmax(-1)[scored] == ys[scored]).sum().item()
+            count += int(scored.sum())
     model.train(was_training)
-    loss = total / n_batches
-    return {"val_loss": loss, "val_bpb": bits_per_byte(loss)}
+    loss = loss_sum / max(count, 1)
+    result = {"val_loss": loss, "val_bpb": bits_per_byte(loss)}
+    if accuracy:
+        result["val_acc"] = correct / max(count, 1)
+    return result

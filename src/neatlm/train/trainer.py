@@ -20,14 +20,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import Config, from_dict, to_toml
-from ..data.corpus import BatchSampler, load_corpus
+from ..data.source import build_data
+from ..data.synthetic import IGNORE
 from ..errors import CheckpointError, TrainingDiverged
 from ..hardware import detect
 from ..nn.model import NeatLM, lm_loss
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
-from .evaluate import evaluate_bpb
+from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
+from .state_io import detach_state, flatten_state, unflatten_state
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -68,7 +70,7 @@ class Trainer:
         if self.dist.enabled and self.hw.device.type == "cuda":
             self.hw.device = torch.device("cuda", self.dist.local_rank)
         self.rows = self.dist.rows(t.batch_size)
-        self.corpus = load_corpus(cfg.data)
+        self.data = build_data(cfg)
         torch.manual_seed(t.seed)
         self.model = NeatLM(cfg).to(self.hw.device)
         # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
@@ -78,7 +80,8 @@ class Trainer:
             param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
             fused=self.hw.device.type == "cuda")
         self.scaler = torch.amp.GradScaler(self.hw.device.type, enabled=self.hw.precision == "fp16")
-        self.sampler = BatchSampler(self.corpus.train, t.batch_size, t.seq_len, cfg.data.seed)
+        self.sampler = self.data.sampler
+        self.carry = None  # model state kept across steps when memory.reset = "never"
         self.step = 0
         self.best_val = float("inf")
         if _resume_from is not None:
@@ -100,7 +103,7 @@ class Trainer:
         return cls(cfg, run_dir=ckpt_dir.parent.parent, _resume_from=ckpt_dir)
 
     def _restore(self, ckpt_dir: Path) -> None:
-        model_tensors, optim_state, state, _ = ckpt.load_checkpoint(ckpt_dir)
+        model_tensors, optim_state, state, extra = ckpt.load_checkpoint(ckpt_dir)
         missing, unexpected = self.model.load_state_dict(model_tensors, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{ckpt_dir}/model.safetensors does not match the config "
@@ -111,6 +114,8 @@ class Trainer:
         self.step = state["step"]
         self.best_val = state.get("best_val", float("inf"))
         self.sampler.position = state["sampler_position"]
+        if state.get("carry") is not None:
+            self.carry = unflatten_state(state["carry"], extra, self.hw.device)
         torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
         if torch.cuda.is_available() and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
@@ -136,12 +141,46 @@ class Trainer:
         state = {"config": self.cfg.to_dict(), "sampler_position": self.sampler.position, "rng": rng,
                  "best_val": self.best_val, "device": str(self.hw.device), "precision": self.hw.precision}
         optim = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        extra: dict[str, torch.Tensor] = {}
+        if self.carry is not None:  # memory that persists across batches is part of the run's state
+            state["carry"], extra = flatten_state(self.carry)
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), optim, state,
-                                    keep_last=self.cfg.train.keep_last)
+                                    keep_last=self.cfg.train.keep_last, extra_tensors=extra)
         barrier(self.dist)
         return path
 
     # ------------------------------------------------------------------ loop
+
+    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, last_window: bool) -> tuple[torch.Tensor, int]:
+        """Forward and backward one micro-batch window as consecutive segments.
+
+        Memory state is carried between segments and detached (truncated backprop), so the graph
+        never spans more than one segment. Returns (summed loss, scored tokens).
+        """
+        t, reset = self.cfg.train, self.cfg.memory.reset
+        scored = int((y != IGNORE).sum())
+        state = self.carry if reset == "never" else None
+        total = torch.zeros((), device=x.device)
+        for i, (xs, ys) in enumerate(zip(x.chunk(t.segments, dim=1), y.chunk(t.segments, dim=1))):
+            if reset == "batch":
+                state = None
+            last = last_window and i == t.segments - 1
+            # DDP all-reduces gradients once per optimizer step, on the last backward
+            sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
+            with sync:
+                with self.hw.autocast():
+                    logits, state = self.ddp_model(xs, state)
+                    loss_sum = lm_loss(logits, ys, reduction="sum")
+                    objective = loss_sum / max(scored, 1)
+                    aux = self.model.aux_loss()
+                    if aux is not None:
+                        objective = objective + aux / t.segments
+                self.scaler.scale(objective / t.accum_steps).backward()
+            state = detach_state(state)
+            total += loss_sum.detach()
+        if reset == "never":
+            self.carry = state
+        return total, scored
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, grad norm)."""
@@ -149,21 +188,13 @@ class Trainer:
         lr = lr_at(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=dev)
+        total, scored = torch.zeros((), device=dev), 0
         for micro in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
-            last_micro = micro == t.accum_steps - 1
-            # gradients are all-reduced once per optimizer step, on the last micro-batch
-            sync = nullcontext() if last_micro or not self.dist.enabled else self.ddp_model.no_sync()
-            with sync:
-                with self.hw.autocast():
-                    logits, _ = self.ddp_model(x)
-                    loss = lm_loss(logits, y)
-                    aux = self.model.aux_loss()
-                    objective = loss if aux is None else loss + aux
-                self.scaler.scale(objective / t.accum_steps).backward()
-            total += loss.detach()
+            loss_sum, n = self._backward_window(x, y, last_window=micro == t.accum_steps - 1)
+            total += loss_sum
+            scored += n
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if t.grad_clip > 0:
@@ -174,12 +205,11 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return all_reduce_mean(total / t.accum_steps, self.dist), norm
+        return all_reduce_mean(total / max(scored, 1), self.dist), norm
 
     def evaluate(self) -> dict[str, float]:
-        t = self.cfg.train
-        return evaluate_bpb(self.model, self.corpus.val, t.batch_size, t.seq_len, self.cfg.eval.batches,
-                            self.hw.device, self.hw.autocast())
+        return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
+                        self.hw.device, self.hw.autocast(), accuracy=self.data.task == "mqar")
 
     def train(self, until_step: int | None = None) -> dict[str, float]:
         """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there)."""
