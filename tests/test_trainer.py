@@ -122,3 +122,14 @@ def test_cli_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--bogus"])
     assert exc.value.code == 2
+
+
+def test_cli_plot_writes_pngs(corpus_dir, tmp_path, capsys):
+    run = tmp_path / "r"
+    Trainer(small_config(corpus_dir, run)).train()
+    assert main(["plot", str(run)]) == 0
+    names = {p.name for p in (run / "plots").iterdir()}
+    assert {"loss.png", "bits_per_byte.png", "grad_norm.png"} <= names
+    assert all((run / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -134,6 +134,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .config import preset_names
 
@@ -189,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values to sweep for one key (repeatable: the grid is the product)")
     p.add_argument("--out", default="runs/sweep", help="directory for the runs and results.md")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
