@@ -46,7 +46,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, window: int = 0, rope_base: float = 10000.0):
+    def __init__(self, dim: int, n_heads: int, window: int = 0, rope_base: float = 10000.0,
+                 init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
         assert dim % n_heads == 0 and (dim // n_heads) % 2 == 0
         self.n_heads, self.head_dim = n_heads, dim // n_heads
@@ -54,6 +55,8 @@ class CausalSelfAttention(nn.Module):
         self.rope_base = rope_base
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.normal_(self.qkv.weight, std=init_std)
+        nn.init.normal_(self.proj.weight, std=init_std * out_scale)  # residual branch: scaled by depth
 
     def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
         B, T, D = x.shape

@@ -34,21 +34,33 @@ def swiglu_hidden(dim: int, requested: int) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
+        nn.init.normal_(self.gate_up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=init_std * out_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
+def residual_scale(cfg: Config) -> float:
+    """GPT-2 style: output projections of residual branches start at std / sqrt(2 n_layers)."""
+    return 1 / math.sqrt(2 * cfg.model.n_layers)
+
+
 def build_mixer(cfg: Config) -> nn.Module:
-    """The sequence mixer of one block, following the ``y, state = mixer(x, state)`` protocol."""
+    """The sequence mixer of one block, following the ``y, state = mixer(x, state)`` protocol.
+
+    Each component initialises its own parameters (memory gates, BK potentials need their own
+    schemes); nothing re-initialises them afterwards.
+    """
     m = cfg.model
     if m.mixer == "attention":
-        mixer: nn.Module = CausalSelfAttention(m.dim, m.n_heads, window=m.window, rope_base=m.rope_base)
+        mixer: nn.Module = CausalSelfAttention(m.dim, m.n_heads, window=m.window, rope_base=m.rope_base,
+                                               init_std=m.init_std, out_scale=residual_scale(cfg))
     elif m.mixer == "bk":
         from .bk import BKMixer
 
@@ -66,7 +78,7 @@ def build_channel_mixer(cfg: Config) -> nn.Module:
     m = cfg.model
     hidden = swiglu_hidden(m.dim, m.mlp_hidden)
     if m.mlp == "swiglu":
-        return SwiGLU(m.dim, hidden)
+        return SwiGLU(m.dim, hidden, m.init_std, residual_scale(cfg))
     if m.mlp == "moe":
         from .moe import MoE
 
@@ -99,21 +111,7 @@ class NeatLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std) for matrices, residual projections scaled by 1/sqrt(2 L).
-
-        Only ``nn.Linear`` and ``nn.Embedding`` weights are touched here; components with their
-        own parameters (memory gates, BK potentials, ...) initialise themselves.
-        """
-        std = self.cfg.model.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.cfg.model.n_layers) if name.endswith(("proj", "down")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed.weight, std=m.init_std)  # also the tied output head
 
     def forward(self, idx: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         x = self.embed(idx)
