@@ -19,12 +19,22 @@ def map_tensors(obj: Any, fn) -> Any:
     """Apply ``fn`` to every tensor in a nest, keeping its structure."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if _is_namedtuple(obj):
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(map_tensors(v, fn) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
                                            for f in dataclasses.fields(obj) if f.init})
     return obj
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def detach_state(obj: Any) -> Any:
@@ -38,14 +48,16 @@ def flatten_state(obj: Any, tensors: dict[str, Tensor] | None = None, prefix: st
     if isinstance(obj, Tensor):
         tensors[prefix] = obj
         return {"tensor": prefix}, tensors
+    if _is_namedtuple(obj):
+        fields = {name: flatten_state(v, tensors, f"{prefix}.{name}")[0] for name, v in zip(obj._fields, obj)}
+        return {"dataclass": _class_path(type(obj)), "fields": fields}, tensors
     if isinstance(obj, (list, tuple)):
         items = [flatten_state(v, tensors, f"{prefix}.{i}")[0] for i, v in enumerate(obj)]
         return {"list" if isinstance(obj, list) else "tuple": items}, tensors
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        cls = type(obj)
         fields = {f.name: flatten_state(getattr(obj, f.name), tensors, f"{prefix}.{f.name}")[0]
                   for f in dataclasses.fields(obj) if f.init}
-        return {"dataclass": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}, tensors
+        return {"dataclass": _class_path(type(obj)), "fields": fields}, tensors
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return {"value": obj}, tensors
     raise TypeError(f"cannot save state of type {type(obj).__name__}")
