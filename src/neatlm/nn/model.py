@@ -64,7 +64,7 @@ def build_mixer(cfg: Config) -> nn.Module:
     elif m.mixer == "bk":
         from .bk import BKMixer
 
-        mixer = BKMixer.from_config(m.dim, cfg.bk)
+        mixer = BKMixer.from_config(m.dim, cfg.bk, init_std=m.init_std, out_scale=residual_scale(cfg))
     else:  # validated in config
         raise AssertionError(m.mixer)
     if cfg.memory.enabled:
@@ -82,7 +82,7 @@ def build_channel_mixer(cfg: Config) -> nn.Module:
     if m.mlp == "moe":
         from .moe import MoE
 
-        return MoE.from_config(m.dim, hidden, cfg.moe)
+        return MoE.from_config(m.dim, hidden, cfg.moe, init_std=m.init_std, out_scale=residual_scale(cfg))
     raise AssertionError(m.mlp)
 
 
