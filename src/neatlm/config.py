@@ -98,8 +98,6 @@ class MoEConfig:
     top_k: int = _f(2, "experts per token", min=1, max=2)
     capacity_factor: float = _f(0.0, "drop tokens above this load factor; 0 = no cap", min=0.0)
     aux_loss_weight: float = _f(0.01, "weight of the load-balancing loss", min=0.0)
-    impl: str = _f("autograd", "expert backward: autograd (saves activations) or recompute (hand-written, "
-                   "saves inputs only)", choices=("autograd", "recompute"))
 
 
 @dataclass
