@@ -152,6 +152,19 @@ def parse_components(table: Mapping[str, Any], defaults: Mapping[str, Any] | Non
     return specs
 
 
+def train_defaults(train: Any) -> dict[str, Any]:
+    """Spec defaults from a trainer config section (``neatlm.config.TrainConfig``, duck-typed):
+    lr, warmup_steps, min_lr_ratio, weight_decay, betas and clip (from grad_clip)."""
+    out: dict[str, Any] = {}
+    for src, dst in (("lr", "lr"), ("warmup_steps", "warmup_steps"), ("min_lr_ratio", "min_lr_ratio"),
+                     ("weight_decay", "weight_decay"), ("grad_clip", "clip")):
+        if hasattr(train, src):
+            out[dst] = getattr(train, src)
+    if hasattr(train, "beta1") and hasattr(train, "beta2"):
+        out["betas"] = (train.beta1, train.beta2)
+    return out
+
+
 def default_components(model: nn.Module | None = None, **overrides: Any) -> list[ComponentSpec]:
     """One component ``all`` claiming every parameter (AdamW unless overridden)."""
     return [ComponentSpec(name="all", patterns=("*",), **overrides)]

@@ -31,7 +31,6 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class GuardConfig:
-    enabled: bool = True
     max_failures: int = 3        # K non-finite steps in a row stop training
     lr_factor: float = 0.5       # learning-rate scale multiplier on every failure
     backup_every: int = 0        # keep a parameter backup every N good steps; 0 = no rollback
