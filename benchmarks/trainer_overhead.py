@@ -12,6 +12,7 @@ both; the table reports the median of each.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -25,27 +26,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from neatlm.config import load_config  # noqa: E402
 from neatlm.data.corpus import BatchSampler  # noqa: E402
 from neatlm.nn.model import NeatLM, lm_loss  # noqa: E402
-from neatlm.train.trainer import Trainer, lr_at, param_groups  # noqa: E402
+from neatlm.train.trainer import Trainer  # noqa: E402
 
 
 def bare_loop(trainer: Trainer, steps: int) -> float:
-    """A hand-written loop over the trainer's corpus; returns seconds."""
+    """A hand-written loop: AdamW (decay on matrices only), warmup + cosine, clipping; returns seconds."""
     cfg = trainer.cfg
     t = cfg.train
     torch.manual_seed(t.seed)
     model = NeatLM(cfg)
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+    matrices = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed")]
+    others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith("embed"))]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay},
+                             {"params": others, "weight_decay": 0.0}], lr=t.lr, betas=(t.beta1, t.beta2))
+
+    def lr_factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     sampler = BatchSampler(trainer.data.corpus.train, t.batch_size, t.seq_len, cfg.data.seed)
     start = time.perf_counter()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    for _ in range(steps):
         x, y = sampler.next()
         logits, _ = model(x)
         loss = lm_loss(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
     loss.item()
     return time.perf_counter() - start

@@ -55,7 +55,7 @@ def test_nonfinite_rolls_back_exactly_and_run_continues():
 
 def test_skip_without_backup_leaves_parameters_untouched():
     model = make()
-    coord = GradientCoordinator(model, parse_components(SPECS))  # backup_every=0
+    coord = GradientCoordinator(model, parse_components(SPECS), guard=GuardConfig(backup_every=0))
     train_step(coord, model, 0)
     before = snapshot(model.parameters())
     x, y = data()

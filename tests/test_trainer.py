@@ -9,18 +9,11 @@ from neatlm.cli import main
 from neatlm.errors import CheckpointError
 from neatlm.train import checkpoint as ckpt
 from neatlm.train.metrics import read_metrics
-from neatlm.train.trainer import Trainer, lr_at
+from neatlm.train.trainer import Trainer
 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-
-def test_lr_schedule():
-    assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_at(55, 1.0, 10, 100, 0.1) == pytest.approx(0.55)
 
 
 def test_resume_is_bit_exact(corpus_dir, tmp_path):

@@ -46,6 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             procs = f"; {trainer.dist.world} processes" if trainer.dist.enabled else ""
             print(f"neat: {trainer.hw.describe()}{procs}; {trainer.model.num_params():,} parameters; "
                   f"data: {trainer.data.describe()}; run dir {trainer.run_dir}", file=sys.stderr)
+            comps = ", ".join(f"{n} ({len(trainer.coord.params(n))} tensors, "
+                              f"{trainer.coord.components[n].spec.optimizer} lr {trainer.coord.lr(n):.2g})"
+                              for n in trainer.coord.names)
+            print(f"neat: components: {comps}; {trainer.checkpointing}", file=sys.stderr)
         result = trainer.train()
     finally:
         shutdown(trainer.dist)

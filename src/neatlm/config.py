@@ -129,7 +129,8 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm; 0 = off", min=0.0)
     seed: int = _f(0, "seed of the model init", min=0)
     device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
-    precision: str = _f("auto", "auto = measured", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "auto = bf16 autocast only where a measurement shows it faster",
+                        choices=("auto", "fp32", "bf16"))
     threads: int = _f(0, "CPU threads; 0 = torch default", min=0)
     log_every: int = _f(10, "steps between metric records", min=1)
     save_every: int = _f(300, "steps between checkpoints (and one at the end)", min=1)
@@ -142,6 +143,30 @@ class TrainConfig:
 class TTLConfig:
     warmup_steps: int = _f(0, "outer steps during which memory reads its initial weights without learning", min=0)
     update_every: int = _f(1, "memory takes its inner step on every n-th chunk only", min=1)
+
+
+@dataclass
+class GuardConfig:
+    """The NaN/Inf guard of :mod:`neatlm.grad.guard` (validated on construction too)."""
+
+    max_failures: int = _f(3, "non-finite steps in a row of one component that stop training", min=1)
+    lr_factor: float = _f(0.5, "a component's learning-rate multiplier after each non-finite step",
+                          min=1e-9, max=1.0)
+    backup_every: int = _f(100, "keep a rollback copy of the parameters every N good steps; 0 = no rollback",
+                           min=0)
+    backup_device: str = _f("same", "where backups live", choices=("same", "cpu"))
+
+    def __post_init__(self) -> None:
+        check_section("guard", self)
+
+
+@dataclass
+class CheckpointingConfig:
+    policy: str = _f("none", "activation checkpointing of every unit", choices=("none", "full", "selective"))
+    memory_budget_mb: float = _f(0.0, "> 0: choose the cheapest policies whose measured saved activations "
+                                 "fit this many MiB (overrides policy)", min=0.0)
+    units: str = _f("blocks", "what a policy applies to: whole blocks, or each component inside a block",
+                    choices=("blocks", "components"))
 
 
 @dataclass
@@ -159,13 +184,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ttl: TTLConfig = field(default_factory=TTLConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # [components.<name>] tables for neatlm.grad.components.parse_components; empty = one
+    # AdamW component "all" configured from [train]
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "components")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -236,6 +266,12 @@ def _locate(cfg: Config, key: str) -> tuple[Any, str]:
 def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
     """Overlay a nested ``{section: {key: value}}`` mapping (as read from TOML) onto ``cfg``."""
     for section, values in data.items():
+        if section == "components":
+            if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+                raise ConfigError(f"{source}: [components.<name>] must be tables of key = value pairs")
+            for name, body in values.items():
+                cfg.components.setdefault(name, {}).update(body)
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{section}] (allowed: {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
@@ -254,9 +290,24 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key.startswith("components."):
+            _set_component(cfg, key, text)
+            continue
         obj, name = _locate(cfg, key)
         setattr(obj, name, _parse_cli_value(key, text, _field_type(obj, name)))
     return cfg
+
+
+def _set_component(cfg: Config, key: str, text: str) -> None:
+    """``components.<name>.<key>=<TOML value>``; a bare word is taken as a string."""
+    parts = key.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise ConfigError(f"--set {key}: component keys have the form components.<name>.<key>")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    cfg.components.setdefault(parts[1], {})[parts[2]] = value
 
 
 def preset_names() -> list[str]:
@@ -302,14 +353,24 @@ def _check_rules(key: str, value: Any, meta: dict[str, Any]) -> None:
         raise ConfigError(f"{key} = {value!r}: must be <= {meta['max']}")
 
 
+def check_section(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        value = _coerce(key, getattr(obj, f.name), _field_type(obj, f.name))
+        _check_rules(key, value, f.metadata)
+
+
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` on the first invalid value (types, ranges, cross-field rules)."""
     for section in SECTIONS:
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            key = f"{section}.{f.name}"
-            value = _coerce(key, getattr(obj, f.name), _field_type(obj, f.name))
-            _check_rules(key, value, f.metadata)
+        check_section(section, getattr(cfg, section))
+    if cfg.components:
+        from .grad.components import parse_components
+
+        try:
+            parse_components(cfg.components)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     m, t = cfg.model, cfg.train
     if m.dim % m.n_heads:
         raise ConfigError(f"model.n_heads = {m.n_heads}: must divide model.dim = {m.dim}")
@@ -340,6 +401,8 @@ def validate(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- writing
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -350,7 +413,11 @@ def _toml_value(value: Any) -> str:
 def to_toml(cfg: Config) -> str:
     """The full resolved config as TOML (readable back with ``--config``)."""
     lines: list[str] = []
-    for section, values in cfg.to_dict().items():
+    data = cfg.to_dict()
+    components = data.pop("components")
+    tables = [(section, values) for section, values in data.items()]
+    tables += [(f"components.{name}", body) for name, body in components.items()]
+    for section, values in tables:
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")

@@ -16,13 +16,13 @@ import torch
 
 from .errors import NeatError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Hardware:
     device: torch.device
-    precision: str  # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16
     timings: dict[str, float]  # seconds per probe matmul, by precision (empty if not measured)
 
     def autocast(self) -> ContextManager:
@@ -72,7 +72,8 @@ def _time_matmul(device: torch.device, precision: str, size: int, reps: int) -> 
 
 def candidate_precisions(device: torch.device) -> list[str]:
     if device.type == "cuda":
-        return ["fp32", "bf16"] if torch.cuda.is_bf16_supported() else ["fp32", "fp16"]
+        # fp16 would need loss scaling; GPUs without bf16 train in fp32
+        return ["fp32", "bf16"] if torch.cuda.is_bf16_supported() else ["fp32"]
     return ["fp32", "bf16"]
 
 
@@ -83,8 +84,6 @@ def choose_precision(device: torch.device, requested: str = "auto", size: int = 
     to pay for itself.
     """
     if requested != "auto":
-        if requested == "fp16" and device.type != "cuda":
-            raise NeatError(f"train.precision = 'fp16': only supported on cuda (device is {device.type})")
         return requested, {}
     reps = 20 if device.type == "cuda" else 3
     timings = {}

@@ -17,34 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..config import GuardConfig
+from ..errors import TrainingDiverged
+
+__all__ = ["ComponentGuard", "GuardConfig", "TrainingDiverged"]
+
 log = logging.getLogger("neatlm.grad")
-
-
-class TrainingDiverged(RuntimeError):
-    """Raised after ``max_failures`` consecutive non-finite steps of one component."""
-
-
-@dataclass
-class GuardConfig:
-    max_failures: int = 3        # K non-finite steps in a row stop training
-    lr_factor: float = 0.5       # learning-rate scale multiplier on every failure
-    backup_every: int = 0        # keep a parameter backup every N good steps; 0 = no rollback
-    backup_device: str = "same"  # "same" (fast) or "cpu" (saves accelerator memory)
-
-    def __post_init__(self) -> None:
-        if self.max_failures < 1:
-            raise ValueError(f"guard.max_failures = {self.max_failures!r}: must be >= 1")
-        if not 0.0 < self.lr_factor <= 1.0:
-            raise ValueError(f"guard.lr_factor = {self.lr_factor!r}: must be in (0, 1]")
-        if self.backup_every < 0:
-            raise ValueError(f"guard.backup_every = {self.backup_every!r}: must be >= 0")
-        if self.backup_device not in ("same", "cpu"):
-            raise ValueError(f"guard.backup_device = {self.backup_device!r}: allowed same, cpu")
 
 
 class ComponentGuard:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .newton_schulz import newton_schulz, newton_schulz_reference
 
 LN_EPS = 1e-5
+FUSED = True   # momentum optimiser: fused chunk step with a hand-written backward (False: plain autograd)
 
 Weights = Sequence[torch.Tensor]
 
@@ -114,6 +115,45 @@ def _inner_grads(weights: Weights, x: torch.Tensor, n_k: int, v: torch.Tensor, c
     return y, grads
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over the last two dims as a batched GEMV (no temporary of a's size): (..., 1, 1)."""
+    return a.flatten(-2).unsqueeze(-2) @ b.flatten(-2).unsqueeze(-1)
+
+
+class _MomentumStep(torch.autograd.Function):
+    """S' = eta S + U,  W' = keep W + S'  (U = minus the chunk's summed inner gradient).
+
+    One fused pass per weight matrix instead of five elementwise ops, and a backward that touches
+    each weight-sized tensor the minimum number of times (the gate gradients are GEMV dot products).
+    eta, keep: (..., 1, 1). Checked by gradcheck in tests/test_memory_ops.py.
+    """
+
+    @staticmethod
+    def forward(ctx, w, s, u, eta, keep):
+        s_new = torch.addcmul(u, eta, s)
+        w_new = torch.addcmul(s_new, keep, w)
+        ctx.save_for_backward(w, s, eta, keep)
+        return w_new, s_new
+
+    @staticmethod
+    def backward(ctx, dw_new, ds_new):
+        w, s, eta, keep = ctx.saved_tensors
+        if dw_new is None:
+            dw_new = torch.zeros_like(w)
+        ds_tot = dw_new if ds_new is None else ds_new + dw_new
+        dw = dw_new * keep if ctx.needs_input_grad[0] else None
+        ds = ds_tot * eta if ctx.needs_input_grad[1] else None
+        deta = _dot(s, ds_tot) if ctx.needs_input_grad[3] else None
+        dkeep = _dot(w, dw_new) if ctx.needs_input_grad[4] else None
+        return dw, ds, ds_tot, deta, dkeep
+
+
+def momentum_step(w: torch.Tensor, s: torch.Tensor, u: torch.Tensor, eta: torch.Tensor,
+                  keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', S') = (keep W + eta S + U, eta S + U) with eta, keep of shape (..., 1, 1)."""
+    return _MomentumStep.apply(w, s, u, eta, keep)
+
+
 def _band(b: int, e: int, like: torch.Tensor) -> torch.Tensor:
     """(b, e + b) 0/1 matrix: token t (in chunk) sums the rows j with t <= j <= t + e."""
     t = torch.arange(b, device=like.device).unsqueeze(1)
@@ -160,23 +200,229 @@ def memory_scan(weights: Weights, momentum: Weights, q: torch.Tensor, k: torch.T
             coef = coef * gamma[..., : n_chunks * b + e].unfold(-1, e + b, b)
         if optimizer == "muon":
             step = theta.mean(-1)                                            # (..., N)
+        # every chunk's rows [its c-1 + b keys; its b queries] at once, so that the backward of the
+        # per-chunk selection is one stack (not a zero-filled copy of k, q, v per chunk)
+        k_rows = k[..., : n_chunks * b + e, :].unfold(-2, e + b, b).transpose(-1, -2)    # (..., N, e+b, dk)
+        v_rows = v[..., : n_chunks * b + e, :].unfold(-2, e + b, b).transpose(-1, -2).unbind(-3)
+        q_rows = q[..., : n_chunks * b, :].unflatten(-2, (n_chunks, b))
+        x_rows = torch.cat([k_rows, q_rows], dim=-2).unbind(-3)
+        coefs = (coef if optimizer == "muon" else -coef).unbind(-2)
+        etas = mom[..., None, None].unbind(-3)
+        keeps = keep[..., None, None].unbind(-3)
     for n in range(n_chunks):
-        rows = torch.cat([k[..., n * b: n * b + e + b, :], q[..., n * b: (n + 1) * b, :]], dim=-2)
-        y, grads = _inner_grads(w_cur, rows, e + b, v[..., n * b: n * b + e + b, :], coef[..., n, :],
-                                norm, max_grad_norm)
+        rows, c_n = x_rows[n], coefs[n]
+        if optimizer == "momentum" and FUSED:
+            y, w_cur, s_cur = chunk_step(w_cur, s_cur, rows, e + b, v_rows[n], c_n, etas[n], keeps[n], norm,
+                                         max_grad_norm)
+            ys.append(y)
+            continue
+        y, grads = _inner_grads(w_cur, rows, e + b, v_rows[n], c_n, norm, max_grad_norm)
         ys.append(y)
-        eta = mom[..., n, None, None]
-        kp = keep[..., n, None, None]
-        s_cur = [eta * s - g for s, g in zip(s_cur, grads)]
+        eta, kp = etas[n], keeps[n]
         if optimizer == "muon":
+            s_cur = [eta * s - g for s, g in zip(s_cur, grads)]
             lr_n = step[..., n, None, None]
             w_cur = [kp * w + lr_n * newton_schulz(s, ns_steps) for w, s in zip(w_cur, s_cur)]
-        else:
-            w_cur = [kp * w + s for w, s in zip(w_cur, s_cur)]
+        else:   # grads came out negated (coefficient -coef): U = -sum coef g
+            new = [momentum_step(w, s, u, eta, kp) for w, s, u in zip(w_cur, s_cur, grads)]
+            w_cur, s_cur = [p[0] for p in new], [p[1] for p in new]
     if L > n_chunks * b:
         ys.append(memory_forward(w_cur, q[..., n_chunks * b:, :], norm))
     y = torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0]
     return y, w_cur, s_cur
+
+
+# ----------------------------------------------------------------------------- fused chunk step
+
+def _silu_grad2(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+
+
+def _acc_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b in place (one GEMM, no temporary); out contiguous (..., m, n)."""
+    if not out.is_contiguous():
+        out += a @ b
+    elif out.dim() == 2:
+        out.addmm_(a, b)
+    else:
+        out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+
+
+class _ChunkStep(torch.autograd.Function):
+    """One chunk of the momentum optimiser, forward and hand-written backward.
+
+    Same maths as ``_inner_grads`` followed by ``momentum_step`` (the unfused path, kept for Muon and
+    as the autograd check): reads of the query rows, analytic inner gradients of the key rows
+    (optionally clipped), U = sum_i c_i g_i, S' = eta S + U, W' = keep W + S'. The backward
+    differentiates that whole computation (including the second-order terms through the analytic
+    inner gradient) with the minimum of GEMMs and without autograd's per-op temporaries.
+    Checked by gradcheck and against autograd through the unfused path in tests/test_memory_ops.py.
+    """
+
+    @staticmethod
+    def forward(ctx, x, v, c, eta, kp, n_k, norm, cap, n_w, *ws_ss):
+        ws, ss = ws_ss[:n_w], ws_ss[n_w:]
+        D = n_w
+        acts, pres = [x], []
+        h = x
+        for i, w in enumerate(ws):
+            z = h @ w.transpose(-1, -2)
+            if i < D - 1:
+                pres.append(z)
+                h = F.silu(z)
+                acts.append(h)
+            else:
+                h = z
+        inv = bm = None
+        if norm:
+            hc = h - h.mean(-1, keepdim=True)
+            inv = torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + LN_EPS)
+            h = hc * inv
+        o = h
+        y = o[..., n_k:, :]
+        ok = o[..., :n_k, :]
+        r = 2.0 * (ok - v)
+        if norm:
+            inv_k = inv[..., :n_k, :]
+            bm = (r * ok).mean(-1, keepdim=True)
+            delta = inv_k * (r - r.mean(-1, keepdim=True) - ok * bm)
+        else:
+            delta = r
+        deltas, ms, sps = [delta], [], []
+        for i in range(D - 2, -1, -1):
+            sp = _silu_grad(pres[i][..., :n_k, :])
+            m = delta @ ws[i + 1]
+            delta = m * sp
+            deltas.append(delta)
+            ms.append(m)
+            sps.append(sp)
+        deltas.reverse()
+        ms.reverse()
+        sps.reverse()
+        ins = [a[..., :n_k, :] for a in acts]
+        gnorm = scale = None
+        if cap > 0:
+            gnorm = torch.sqrt(sum(d.pow(2).sum(-1) * a.pow(2).sum(-1) for d, a in zip(deltas, ins)) + 1e-30)
+            scale = cap / torch.clamp(gnorm, min=cap)
+            cp = c * scale
+        else:
+            cp = c
+        cpw = cp.unsqueeze(-1)
+        w_new, s_new = [], []
+        for d, a, w, s in zip(deltas, ins, ws, ss):
+            sn = ((d * cpw).transpose(-1, -2) @ a).addcmul_(s, eta)
+            s_new.append(sn)
+            w_new.append(torch.addcmul(sn, kp, w))
+        ctx.n_k, ctx.norm, ctx.cap, ctx.D = n_k, norm, cap, D
+        ctx.save_for_backward(x, c, eta, kp, o, r, *([inv, bm] if norm else []),
+                              *([gnorm, scale] if cap > 0 else []), cp,
+                              *ws, *ss, *pres, *acts[1:], *deltas, *ms, *sps)
+        return (y, *w_new, *s_new)
+
+    @staticmethod
+    def backward(ctx, gy, *gws_gss):
+        n_k, norm, cap, D = ctx.n_k, ctx.norm, ctx.cap, ctx.D
+        saved = list(ctx.saved_tensors)
+        x, c, eta, kp, o, r = saved[:6]
+        p = 6
+        if norm:
+            inv, bm = saved[p:p + 2]
+            p += 2
+        if cap > 0:
+            gnorm, scale = saved[p:p + 2]
+            p += 2
+        cp = saved[p]
+        p += 1
+        take = lambda k: saved[p:p + k]  # noqa: E731
+        ws = take(D); p += D
+        ss = take(D); p += D
+        pres = take(D - 1); p += D - 1
+        acts = [x] + list(take(D - 1)); p += D - 1
+        deltas = list(take(D)); p += D
+        ms = take(D - 1); p += D - 1
+        sps = take(D - 1); p += D - 1
+        gw_new, gs_new = gws_gss[:D], gws_gss[D:]
+        ins = [a[..., :n_k, :] for a in acts]
+
+        # state update: S' = eta S + U, W' = kp W + S'
+        gws, gss, g_eta, g_kp, gus = [], [], 0.0, 0.0, []
+        for w, s, gw, gs in zip(ws, ss, gw_new, gs_new):
+            gtot = gs + gw
+            gus.append(gtot)
+            gws.append(gw * kp)
+            gss.append(gtot * eta)
+            g_eta = g_eta + _dot(s, gtot)
+            g_kp = g_kp + _dot(w, gw)
+        # U_i = (cp * Delta_i)^T A_i
+        cpw = cp.unsqueeze(-1)
+        g_delta, g_ins, g_cp = [], [], 0.0
+        for d, a, gu in zip(deltas, ins, gus):
+            gp = a @ gu.transpose(-1, -2)                      # d U / d (cp * Delta)
+            g_ins.append((d * cpw) @ gu)
+            g_delta.append(gp * cpw)
+            g_cp = g_cp + (gp * d).sum(-1)
+        if cap > 0:
+            g_c = g_cp * scale
+            active = (gnorm > cap).to(c.dtype)
+            gn_over_n = -g_cp * c * cap / gnorm.pow(3) * active   # (dL/dn) / n
+            for i, (d, a) in enumerate(zip(deltas, ins)):
+                g_delta[i] = g_delta[i] + (gn_over_n * a.pow(2).sum(-1)).unsqueeze(-1) * d
+                g_ins[i] = g_ins[i] + (gn_over_n * d.pow(2).sum(-1)).unsqueeze(-1) * a
+        else:
+            g_c = g_cp
+        # Delta_i = (Delta_{i+1} W_{i+1}) * silu'(Z_i)  (key rows), bottom up
+        g_zk = [None] * (D - 1)
+        for i in range(D - 1):
+            gm = g_delta[i] * sps[i]
+            g_zk[i] = g_delta[i] * ms[i] * _silu_grad2(pres[i][..., :n_k, :])
+            g_delta[i + 1] = g_delta[i + 1] + gm @ ws[i + 1].transpose(-1, -2)
+            _acc_matmul(gws[i + 1], deltas[i + 1].transpose(-1, -2), gm)
+        # output delta
+        gd = g_delta[D - 1]
+        ok = o[..., :n_k, :]
+        if norm:
+            inv_k = inv[..., :n_k, :]
+            gdo = (gd * ok).mean(-1, keepdim=True)
+            g_r = inv_k * (gd - gd.mean(-1, keepdim=True) - ok * gdo)
+            g_ok = -inv_k * (gd * bm + r * gdo)
+            g_inv_k = (gd * deltas[D - 1]).sum(-1, keepdim=True) / inv_k
+        else:
+            g_r = gd
+            g_ok = torch.zeros_like(ok)
+        g_v = -2.0 * g_r
+        g_o = torch.cat([g_ok + 2.0 * g_r, gy], dim=-2)
+        if norm:
+            g_z = inv * (g_o - g_o.mean(-1, keepdim=True) - o * (g_o * o).mean(-1, keepdim=True))
+            g_z[..., :n_k, :] -= g_inv_k * inv_k.pow(2) * ok / ok.shape[-1]
+        else:
+            g_z = g_o
+        # plain backward of the forward MLP over all rows
+        g_x = None
+        for i in range(D - 1, -1, -1):
+            _acc_matmul(gws[i], g_z.transpose(-1, -2), acts[i])
+            g_a = g_z @ ws[i]
+            g_a[..., :n_k, :] += g_ins[i]
+            if i == 0:
+                g_x = g_a
+            else:
+                g_z = g_a * _silu_grad(pres[i - 1])
+                g_z[..., :n_k, :] += g_zk[i - 1]
+        return (g_x, g_v, g_c, g_eta, g_kp, None, None, None, None, *gws, *gss)
+
+
+def chunk_step(weights: Weights, momentum: Weights, x: torch.Tensor, n_k: int, v: torch.Tensor,
+               coef: torch.Tensor, eta: torch.Tensor, keep: torch.Tensor, norm: bool = False,
+               max_grad_norm: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Fused read + inner gradients + momentum step of one chunk. x = [keys (n_k); queries] rows.
+
+    coef: (..., n_k) signed row weights (U = sum_i coef_i clip(g_i)); eta, keep: (..., 1, 1).
+    Returns the query reads and the new weights and momentum.
+    """
+    out = _ChunkStep.apply(x, v, coef, eta, keep, n_k, norm, float(max_grad_norm), len(weights),
+                           *weights, *momentum)
+    D = len(weights)
+    return out[0], list(out[1:1 + D]), list(out[1 + D:])
 
 
 # ----------------------------------------------------------------------------- reference loop

@@ -37,6 +37,6 @@ def newton_schulz_reference(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
         x = x / (torch.sqrt((x * x).sum()) + NS_EPS)
         for _ in range(steps):
             gram = x @ x.T
-            x = a * x + b * (gram @ x) + c * (gram @ (gram @ x))
+            x = a * x + (b * gram + c * (gram @ gram)) @ x
         out.append(x.T if mat.shape[0] > mat.shape[1] else x)
     return torch.stack(out).reshape(g.shape)

@@ -2,8 +2,12 @@
 
 ``Trainer(cfg).train()`` trains from scratch; ``Trainer.resume(run_dir).train()`` continues
 from the latest checkpoint with the saved config. On CPU the losses after a resume equal those
-of an uninterrupted run bit for bit: weights, optimizer state, RNG states and the sampler
-position are restored, and the learning rate is a pure function of the step.
+of an uninterrupted run bit for bit: weights, optimizer and guard state, RNG states, carried
+memory state and the sampler position are restored, and learning rates are functions of the step.
+
+Two levels of optimisation: the inner loop (memory fast weights) runs inside the model's forward;
+the outer loop is backprop through the :class:`~neatlm.grad.coordinator.GradientCoordinator`,
+which owns every component's optimizer, schedule, clipping and NaN guard.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ..config import Config, from_dict, to_toml
+from ..config import Config, ConfigError, from_dict, to_toml
 from ..data.source import build_data
 from ..data.synthetic import IGNORE
 from ..errors import CheckpointError, TrainingDiverged
+from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
+from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
+from ..grad.coordinator import GradientCoordinator
 from ..hardware import detect
 from ..nn.model import NeatLM, lm_loss
 from . import checkpoint as ckpt
@@ -30,24 +37,6 @@ from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
 from .state_io import detach_state, flatten_state, unflatten_state
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio * peak`` at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: norms, biases, embeddings (and any 1-D parameter) are not decayed."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _encode_rng(state: torch.Tensor) -> str:
@@ -73,14 +62,19 @@ class Trainer:
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
         self.model = NeatLM(cfg).to(self.hw.device)
+        self.sampler = self.data.sampler
+        specs = component_specs(cfg)
+        self.checkpointing = self._apply_checkpointing(specs)  # before DDP: paths of the bare model
         # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
         self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None) \
             if self.dist.enabled else self.model
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-            fused=self.hw.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(self.hw.device.type, enabled=self.hw.precision == "fp16")
-        self.sampler = self.data.sampler
+        try:
+            # one backward per segment of every micro-batch; objectives are scaled to match
+            self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps,
+                                             accum_steps=t.accum_steps * t.segments, guard=cfg.guard,
+                                             monitor_every=t.log_every)
+        except ValueError as exc:  # orphan or doubly claimed parameters
+            raise ConfigError(str(exc)) from None
         self.carry = None  # model state kept across steps when memory.reset = "never"
         self.step = 0
         self.best_val = float("inf")
@@ -108,9 +102,10 @@ class Trainer:
         if missing or unexpected:
             raise CheckpointError(f"{ckpt_dir}/model.safetensors does not match the config "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.optimizer.load_state_dict(optim_state["optimizer"])
-        if "scaler" in optim_state:
-            self.scaler.load_state_dict(optim_state["scaler"])
+        try:
+            self.coord.load_state_dict(optim_state)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt_dir}/optimizer.pt does not match the components: {exc}") from None
         self.step = state["step"]
         self.best_val = state.get("best_val", float("inf"))
         self.sampler.position = state["sampler_position"]
@@ -140,7 +135,7 @@ class Trainer:
             rng["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
         state = {"config": self.cfg.to_dict(), "sampler_position": self.sampler.position, "rng": rng,
                  "best_val": self.best_val, "device": str(self.hw.device), "precision": self.hw.precision}
-        optim = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        optim = self.coord.state_dict(include_backups=True)
         extra: dict[str, torch.Tensor] = {}
         if self.carry is not None:  # memory that persists across batches is part of the run's state
             state["carry"], extra = flatten_state(self.carry)
@@ -171,23 +166,25 @@ class Trainer:
                 with self.hw.autocast():
                     logits, state = self.ddp_model(xs, state)
                     loss_sum = lm_loss(logits, ys, reduction="sum")
-                    objective = loss_sum / max(scored, 1)
+                    # the coordinator divides by accum_steps * segments: this sums to the window mean
+                    objective = loss_sum * t.segments / max(scored, 1)
                     aux = self.model.aux_loss()
                     if aux is not None:
-                        objective = objective + aux / t.segments
-                self.scaler.scale(objective / t.accum_steps).backward()
+                        objective = objective + aux
+                self.coord.backward(objective)
             state = detach_state(state)
             total += loss_sum.detach()
         if reset == "never":
             self.carry = state
         return total, scored
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, grad norm)."""
+    def train_step(self, log: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimizer step over ``accum_steps`` micro-batches.
+
+        Returns (mean loss, coordinator stats: per-component norms, learning rates, skips and,
+        on ``log`` steps, update ratios and gradient cosines).
+        """
         t, dev = self.cfg.train, self.hw.device
-        lr = lr_at(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         total, scored = torch.zeros((), device=dev), 0
         for micro in range(t.accum_steps):
             x, y = self.sampler.next()
@@ -195,17 +192,31 @@ class Trainer:
             loss_sum, n = self._backward_window(x, y, last_window=micro == t.accum_steps - 1)
             total += loss_sum
             scored += n
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if t.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.coord.step(log=log)
+        self.coord.zero_grad()
         self.step += 1
-        return all_reduce_mean(total / max(scored, 1), self.dist), norm
+        return all_reduce_mean(total / max(scored, 1), self.dist), stats
+
+    def _apply_checkpointing(self, specs: list[ComponentSpec]) -> str:
+        """Apply ``[checkpointing]`` to the model; returns a one-line report for ``neat train``."""
+        c, t = self.cfg.checkpointing, self.cfg.train
+        units = component_units(self.model, specs) if c.units == "components" else None
+        if c.memory_budget_mb > 0:
+            x, y = self.sampler.next()
+            self.sampler.position -= 1  # a peek: the probe must not move the data stream
+            x, y = x[self.rows, :t.seq_len].to(self.hw.device), y[self.rows, :t.seq_len].to(self.hw.device)
+
+            def probe(model: torch.nn.Module) -> torch.Tensor:
+                with self.hw.autocast():
+                    return lm_loss(model(x)[0], y)
+
+            plan = choose_checkpointing(self.model, probe, int(c.memory_budget_mb * 2**20), units=units)
+            plan.apply(self.model)
+            return plan.summary()
+        if c.policy == "none":
+            return "checkpointing: none"
+        applied = apply_checkpointing(self.model, c.policy, module_filter=list(units) if units else None)
+        return f"checkpointing: {c.policy} on {len(applied)} {c.units}"
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
@@ -227,16 +238,17 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         try:
             while self.step < end:
-                loss, norm = self.train_step()
-                self._check_finite("training loss", loss.item())
-                self._check_finite("gradient norm", norm.item())
+                # records at steps 1, 1 + log_every, ... (the coordinator's monitor steps) and the last
+                log = self.step % t.log_every == 0 or self.step + 1 == end
+                loss, stats = self.train_step(log=log)
                 window_steps += 1
-                if self.step % t.log_every == 0 or self.step == end:
+                if log:
                     elapsed = time.perf_counter() - window_start
                     loss_value = loss.item()
-                    last = {"loss": loss_value, "bpb": bits_per_byte(loss_value), "grad_norm": norm.item(),
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                    last = {"loss": loss_value, "bpb": bits_per_byte(loss_value),
+                            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9), **stats}
+                    for event in self.coord.pop_events():
+                        bar.write(f"step {self.step}: guard: {event}")
                     if metrics:
                         metrics.write(self.step, last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{last['bpb']:.3f}",
@@ -261,3 +273,14 @@ class Trainer:
             if metrics:
                 metrics.close()
         return last
+
+
+def component_specs(cfg: Config) -> list[ComponentSpec]:
+    """``[components.*]`` tables, with unset keys from ``[train]``; none = one component "all"."""
+    defaults = train_defaults(cfg.train)
+    if not cfg.components:
+        return default_components(**defaults)
+    try:
+        return parse_components(cfg.components, defaults=defaults)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

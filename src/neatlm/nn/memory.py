@@ -1,0 +1,264 @@
+"""NeuralMemory: the Titans / Atlas test-time memory layer.
+
+    mem = NeuralMemory(dim=128, heads=2, chunk_size=64)
+    y, state = mem(x)                 # x (B, T, dim) -> y (B, T, dim); memory learns while it reads
+    y2, state = mem(x2, state)        # continue the same sequences exactly (any split, even 1 token)
+    state = state.detach()            # truncated backprop between calls
+    state = mem.initial_state(B)      # new sequences start from the learned initial weights
+
+Per head: q_t = normalize(W_Q x_t), k_t = normalize(W_K x_t), v_t = W_V x_t; keys and queries go
+through the feature map phi (identity or polynomial); the memory branch M_W is linear or a silu MLP
+(see :mod:`neatlm.ops.memory_scan`); the MLP memory reads y_t = q_t + M_W(phi(q_t)) and learns
+||k_t + M_W(phi(k_t)) - v_t||^2 when ``residual``. Gates are linear maps of x followed by sigmoids:
+
+* learning rate theta_t = max_lr * sigmoid(.) per token and head;
+* momentum eta_n and forgetting alpha_n per chunk and head, from the chunk mean of x (the mean of
+  the per-token logits), because the memory takes one optimiser step per chunk;
+* Omega gates gamma_t per token (objective ``omega``).
+
+Chunks sit on an absolute grid: chunk n holds positions [n b, (n+1) b) of the sequence, whatever
+the split of the calls. Tokens of an unfinished chunk are kept in the state (their features, targets
+and gate logits; plus the c - 1 tokens before the chunk for the Omega window) and are read with the
+weights from the end of the last complete chunk; the chunk's step happens in the call that completes
+it. Hence any split of a sequence, down to one token per call, gives the same outputs as one call.
+
+Test-time learning does not depend on ``self.training`` nor on grad mode: it runs in eval() and
+under torch.no_grad() alike (then it simply builds no graph).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.features import poly_feature_dim, poly_features, poly_features_reference, poly_init_coeffs
+from ..ops.memory_scan import memory_forward, memory_scan, memory_scan_reference
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import MemoryConfig
+
+
+@dataclass
+class MemoryState:
+    """Everything needed to continue a batch of sequences exactly.
+
+    weights, momentum: fast weights W and momentum S, each a tuple of (B, H, out, in).
+    buf_k (B, H, c-1+m, dk), buf_v (B, H, c-1+m, dv), buf_gamma (B, H, c-1+m) or None: the c-1
+    tokens before the current chunk (zeros with gamma 0 at the start of a sequence) and the m tokens
+    of the unfinished chunk. buf_lr, buf_mom, buf_decay (B, H, m): their learning rates and momentum
+    and forgetting logits. position: tokens seen so far (m = position % chunk_size).
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
+    buf_k: torch.Tensor
+    buf_v: torch.Tensor
+    buf_gamma: torch.Tensor | None
+    buf_lr: torch.Tensor
+    buf_mom: torch.Tensor
+    buf_decay: torch.Tensor
+    position: int = 0
+
+    def _map(self, fn) -> "MemoryState":
+        out = {}
+        for f in fields(self):
+            val = getattr(self, f.name)
+            if isinstance(val, tuple):
+                val = tuple(fn(t) for t in val)
+            elif isinstance(val, torch.Tensor):
+                val = fn(val)
+            out[f.name] = val
+        return replace(self, **out)
+
+    def detach(self) -> "MemoryState":
+        """Same values, cut from the autograd graph (truncated backprop through time)."""
+        return self._map(lambda t: t.detach())
+
+    def to(self, *args, **kwargs) -> "MemoryState":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+
+class NeuralMemory(nn.Module):
+    """Test-time memory layer: ``y, state = mem(x, state=None)`` with x, y of shape (B, T, dim)."""
+
+    def __init__(self, dim: int, heads: int = 1, dim_head: int | None = None, chunk_size: int = 64, *,
+                 function: str = "mlp", depth: int = 2, expansion: float = 2.0, residual: bool = True,
+                 norm: bool = False, objective: str = "titans", omega_window: int = 4,
+                 features: str = "identity", poly_degree: int = 2, optimizer: str = "momentum",
+                 ns_steps: int = 5, max_lr: float = 0.1, max_grad_norm: float = 0.0,
+                 learn_init: bool = True, detach_output: bool = False) -> None:
+        super().__init__()
+        if function not in ("linear", "mlp"):
+            raise ValueError(f"function={function!r}: allowed 'linear', 'mlp'")
+        if objective not in ("titans", "omega"):
+            raise ValueError(f"objective={objective!r}: allowed 'titans', 'omega'")
+        if features not in ("identity", "poly"):
+            raise ValueError(f"features={features!r}: allowed 'identity', 'poly'")
+        if optimizer not in ("momentum", "muon"):
+            raise ValueError(f"optimizer={optimizer!r}: allowed 'momentum', 'muon'")
+        if function == "mlp" and depth < 2:
+            raise ValueError(f"depth={depth}: the MLP memory needs depth >= 2")
+        dim_head = dim_head or dim // heads
+        self.dim, self.heads, self.dim_head, self.chunk_size = dim, heads, dim_head, chunk_size
+        self.function, self.optimizer, self.ns_steps = function, optimizer, ns_steps
+        self.max_lr, self.max_grad_norm, self.detach_output = max_lr, max_grad_norm, detach_output
+        self.window = omega_window if objective == "omega" else 1
+        self.residual = residual and function == "mlp"
+        self.norm = norm and function == "mlp"
+        inner = heads * dim_head
+
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        # gate logits: learning rate, momentum, forgetting (and Omega gamma), one per head
+        self.to_lr = nn.Linear(dim, heads)
+        self.to_mom = nn.Linear(dim, heads)
+        self.to_decay = nn.Linear(dim, heads)
+        self.to_gamma = nn.Linear(dim, heads) if objective == "omega" else None
+        for lin, bias in ((self.to_lr, 0.0), (self.to_mom, math.log(9.0)), (self.to_decay, -math.log(99.0)),
+                          (self.to_gamma, 2.0)):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.constant_(lin.bias, bias)   # theta = max_lr / 2, eta = 0.9, alpha = 0.01
+
+        if features == "poly":
+            self.poly_coeffs = nn.Parameter(poly_init_coeffs(poly_degree))
+            dk = poly_feature_dim(dim_head, poly_degree)
+        else:
+            self.poly_coeffs = None
+            dk = dim_head
+        self.dim_key = dk
+        self.use_reference = False   # tests: run the token-loop references of ops instead of the fast path
+        if function == "linear":
+            shapes = [(dim_head, dk)]
+        else:
+            hidden = max(1, int(round(expansion * dim_head)))
+            shapes = [(hidden, dk)] + [(hidden, hidden)] * (depth - 2) + [(dim_head, hidden)]
+        init = [torch.randn(heads, o, i) / math.sqrt(i) for o, i in shapes]
+        if function == "linear":
+            init = [torch.zeros(heads, o, i) for o, i in shapes]
+        self.n_weights = len(shapes)
+        for j, w in enumerate(init):
+            if learn_init:
+                self.register_parameter(f"w0_{j}", nn.Parameter(w))
+            else:
+                self.register_buffer(f"w0_{j}", w)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_config(cls, dim: int, cfg: "MemoryConfig") -> "NeuralMemory":
+        return cls(dim, heads=cfg.heads, dim_head=cfg.dim_head or dim // cfg.heads, chunk_size=cfg.chunk_size,
+                   function=cfg.function, depth=cfg.depth, expansion=cfg.expansion, residual=cfg.residual,
+                   norm=cfg.norm, objective=cfg.objective, omega_window=cfg.omega_window,
+                   features=cfg.features, poly_degree=cfg.poly_degree, optimizer=cfg.optimizer,
+                   ns_steps=cfg.ns_steps, max_lr=cfg.max_lr, max_grad_norm=cfg.max_grad_norm,
+                   learn_init=cfg.learn_init, detach_output=cfg.detach_output)
+
+    def initial_weights(self) -> list[torch.Tensor]:
+        """The learned (or fixed) initial fast weights W0, each (H, out, in)."""
+        return [getattr(self, f"w0_{j}") for j in range(self.n_weights)]
+
+    def initial_state(self, batch: int, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> MemoryState:
+        """A fresh state at position 0 whose weights are W0 (differentiable w.r.t. W0)."""
+        w0 = self.initial_weights()
+        device = device or w0[0].device
+        dtype = dtype or w0[0].dtype
+        weights = tuple(w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *w.shape) for w in w0)
+        momentum = tuple(torch.zeros(batch, *w.shape, device=device, dtype=dtype) for w in w0)
+        e = self.window - 1
+        h = self.heads
+        z = lambda *s: torch.zeros(batch, h, *s, device=device, dtype=dtype)  # noqa: E731
+        return MemoryState(weights, momentum, buf_k=z(e, self.dim_key), buf_v=z(e, self.dim_head),
+                           buf_gamma=z(e) if self.window > 1 else None, buf_lr=z(0), buf_mom=z(0),
+                           buf_decay=z(0), position=0)
+
+    reset = initial_state
+
+    # ------------------------------------------------------------------ forward
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)          # (B, H, T, dh)
+
+    def _phi(self, t: torch.Tensor) -> torch.Tensor:
+        if self.poly_coeffs is None:
+            return t
+        fn = poly_features_reference if self.use_reference else poly_features
+        return fn(t, self.poly_coeffs.to(t.dtype))
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        bsz, _, T, _ = y.shape
+        return self.to_out(y.transpose(1, 2).reshape(bsz, T, self.heads * self.dim_head))
+
+    def read(self, x: torch.Tensor, state: MemoryState | None = None) -> torch.Tensor:
+        """Read only, no update: y_t = M_W(phi(q_t)) (+ q_t) with the state's current weights (those
+        from the end of its last complete chunk). x: (B, T, dim) -> (B, T, dim)."""
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        q = F.normalize(self._heads(self.to_q(x)), dim=-1)
+        weights = [w.detach() if self.detach_output else w for w in state.weights]
+        y = memory_forward(weights, self._phi(q), self.norm)
+        return self._merge(y + q if self.residual else y)
+
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
+        """x: (B, T, dim) -> y: (B, T, dim) and the state after these T tokens."""
+        bsz, T, _ = x.shape
+        if state is None:
+            state = self.initial_state(bsz, x.device, x.dtype)
+        if T == 0:
+            return x.new_zeros(bsz, 0, self.dim), state
+        b, e = self.chunk_size, self.window - 1
+        m = state.position % b
+        q = F.normalize(self._heads(self.to_q(x)), dim=-1)
+        k = F.normalize(self._heads(self.to_k(x)), dim=-1)
+        v = self._heads(self.to_v(x))
+        target = v - k if self.residual else v
+        lr = self.max_lr * torch.sigmoid(self.to_lr(x)).transpose(1, 2)   # (B, H, T)
+        mom_logit = self.to_mom(x).transpose(1, 2)
+        decay_logit = self.to_decay(x).transpose(1, 2)
+
+        k_all = torch.cat([state.buf_k, self._phi(k)], dim=-2)
+        v_all = torch.cat([state.buf_v, target], dim=-2)
+        gamma_all = None
+        if self.to_gamma is not None:
+            gamma_all = torch.cat([state.buf_gamma, torch.sigmoid(self.to_gamma(x)).transpose(1, 2)], dim=-1)
+        lr_all = torch.cat([state.buf_lr, lr], dim=-1)
+        mom_all = torch.cat([state.buf_mom, mom_logit], dim=-1)
+        decay_all = torch.cat([state.buf_decay, decay_logit], dim=-1)
+        qf = self._phi(q)
+        if m:
+            qf = torch.cat([qf.new_zeros(bsz, self.heads, m, qf.shape[-1]), qf], dim=-2)
+        L = m + T
+        n_done = (L // b) * b
+        eta = torch.sigmoid(mom_all[..., :n_done].unflatten(-1, (-1, b)).mean(-1))      # (B, H, N)
+        keep = torch.sigmoid(-decay_all[..., :n_done].unflatten(-1, (-1, b)).mean(-1))  # 1 - alpha
+
+        upd = [state.weights, state.momentum, k_all, v_all, lr_all, eta, keep, gamma_all]
+        if self.detach_output:   # the outer loss sees the read only, not the fast-weight trajectory
+            upd = [None if u is None else (tuple(t.detach() for t in u) if isinstance(u, tuple) else u.detach())
+                   for u in upd]
+        w, s, k_all, v_all, lr_all, eta, keep, gamma_all = upd
+        scan = memory_scan_reference if self.use_reference else memory_scan
+        y, w_new, s_new = scan(list(w), list(s), qf, k_all, v_all, lr_all, eta, keep, gamma_all,
+                                      chunk_size=b, window=self.window, norm=self.norm,
+                                      optimizer=self.optimizer, ns_steps=self.ns_steps,
+                                      max_grad_norm=self.max_grad_norm)
+        y = y[..., m:, :]
+        if self.residual:
+            y = y + q
+        out = self._merge(y)
+        new_state = MemoryState(
+            tuple(w_new), tuple(s_new),
+            buf_k=k_all[..., n_done:, :], buf_v=v_all[..., n_done:, :],
+            buf_gamma=None if gamma_all is None else gamma_all[..., n_done:],
+            buf_lr=lr_all[..., n_done:], buf_mom=mom_all[..., n_done:], buf_decay=decay_all[..., n_done:],
+            position=state.position + T)
+        return out, new_state

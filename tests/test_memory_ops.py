@@ -1,0 +1,183 @@
+"""ops for the test-time memory: the fast chunk-parallel scan against its token-loop reference."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from neatlm.ops.features import poly_feature_dim, poly_features, poly_features_reference, poly_init_coeffs
+from neatlm.ops.memory_scan import memory_forward, memory_scan, memory_scan_reference
+from neatlm.ops.newton_schulz import newton_schulz, newton_schulz_reference
+
+B, H, DK, DV, HID = 2, 2, 5, 4, 6
+
+
+def _shapes(depth):
+    if depth == 1:
+        return [(DV, DK)]
+    return [(HID, DK)] + [(HID, HID)] * (depth - 2) + [(DV, HID)]
+
+
+def _inputs(depth, window, dtype, L=11, chunk=4, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
+    e, n = window - 1, L // chunk
+    args = dict(
+        weights=[r(B, H, *s) * (2.0 / s[1]) ** 0.5 for s in _shapes(depth)],
+        momentum=[r(B, H, *s) * 0.1 for s in _shapes(depth)],
+        q=torch.nn.functional.normalize(r(B, H, L, DK), dim=-1),      # the layer l2-normalises q, k
+        k=torch.nn.functional.normalize(r(B, H, L + e, DK), dim=-1), v=r(B, H, L + e, DV),
+        lr=u(B, H, L) * 0.1, mom=u(B, H, n), keep=0.5 + 0.5 * u(B, H, n),
+        gamma=u(B, H, L + e) if window > 1 else None)
+    if requires_grad:
+        for key, val in args.items():
+            if isinstance(val, list):
+                for t in val:
+                    t.requires_grad_(True)
+            elif val is not None:
+                val.requires_grad_(True)
+    return args
+
+
+def _call(fn, a, **kw):
+    return fn(a["weights"], a["momentum"], a["q"], a["k"], a["v"], a["lr"], a["mom"], a["keep"], a["gamma"], **kw)
+
+
+def _flat(out):
+    y, w, s = out
+    return [y, *w, *s]
+
+
+CASES = [c for c in itertools.product([1, 2, 3], [False, True], [1, 3], ["momentum", "muon"], [0.0, 0.7])
+         if not (c[0] == 1 and c[1])]
+
+
+@pytest.mark.parametrize("depth,norm,window,optimizer,cap", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fast_equals_reference(depth, norm, window, optimizer, cap, dtype, tol):
+    a = _inputs(depth, window, dtype)
+    kw = dict(chunk_size=4, window=window, norm=norm, optimizer=optimizer, max_grad_norm=cap)
+    fast, ref = _flat(_call(memory_scan, a, **kw)), _flat(_call(memory_scan_reference, a, **kw))
+    for f, r in zip(fast, ref):
+        assert f.shape == r.shape
+        assert (f - r).abs().max().item() < tol * max(1.0, r.abs().max().item())
+    # the memory really learned something (the test is not vacuous)
+    assert (fast[1] - a["weights"][0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("depth,norm,window,optimizer,cap",
+                         [(1, False, 1, "momentum", 0.0), (2, False, 1, "momentum", 0.7),
+                          (2, True, 3, "muon", 0.0), (3, False, 2, "momentum", 0.0)])
+def test_outer_gradients_match_reference(depth, norm, window, optimizer, cap):
+    """Autograd through the fast form equals autograd through the token loop, for every input."""
+    kw = dict(chunk_size=4, window=window, norm=norm, optimizer=optimizer, max_grad_norm=cap)
+    grads = []
+    for fn in (memory_scan, memory_scan_reference):
+        a = _inputs(depth, window, torch.float64, L=10, requires_grad=True)
+        outs = _flat(_call(fn, a, **kw))
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+        leaves = [t for val in a.values() if val is not None for t in (val if isinstance(val, list) else [val])]
+        grads.append(torch.autograd.grad(loss, leaves))
+    for gf, gr in zip(*grads):
+        assert (gf - gr).abs().max().item() < 1e-9
+
+
+def test_partial_chunk_is_read_only_and_uses_last_weights():
+    a = _inputs(2, 1, torch.float64, L=6, chunk=4)
+    y, w, _ = _call(memory_scan, a, chunk_size=4)
+    # tokens 4, 5 (unfinished chunk) are read with the weights after chunk 0, which are also returned
+    assert torch.allclose(y[..., 4:, :], memory_forward(w, a["q"][..., 4:, :]), atol=1e-12)
+    # tokens 0..3 are read with the initial weights
+    assert torch.allclose(y[..., :4, :], memory_forward(a["weights"], a["q"][..., :4, :]), atol=1e-12)
+
+
+def test_omega_window_one_with_unit_gamma_is_titans():
+    a = _inputs(2, 1, torch.float64)
+    t = _flat(_call(memory_scan, a, chunk_size=4))
+    a["gamma"] = torch.ones(B, H, 11, dtype=torch.float64)
+    o = _flat(_call(memory_scan, a, chunk_size=4, window=1))
+    assert all(torch.allclose(x, y, atol=1e-14) for x, y in zip(t, o))
+
+
+def test_bad_shapes_raise():
+    a = _inputs(2, 3, torch.float64)
+    a["k"] = a["k"][..., 1:, :]
+    with pytest.raises(ValueError):
+        _call(memory_scan, a, chunk_size=4, window=3)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 8, 5), (4, 4)])
+def test_newton_schulz_batched_matches_loop_and_orthogonalises(shape):
+    g = torch.randn(*shape, dtype=torch.float64)
+    fast, ref = newton_schulz(g, 5), newton_schulz_reference(g, 5)
+    assert (fast - ref).abs().max() < 1e-12
+    sv = torch.linalg.svdvals(fast)
+    assert sv.min() > 0.5 and sv.max() < 1.3          # quintic NS: singular values near 1
+    assert torch.allclose(newton_schulz(-g, 5), -fast)  # odd
+    assert newton_schulz(torch.zeros(2, 3, 4), 5).abs().max() == 0
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_poly_features(degree):
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    coeffs = poly_init_coeffs(degree).double()
+    fast, ref = poly_features(x, coeffs), poly_features_reference(x, coeffs)
+    assert fast.shape[-1] == poly_feature_dim(5, degree) == sum(math.comb(5 + i - 1, i) for i in range(1, degree + 1))
+    assert (fast - ref).abs().max() < 1e-14
+    assert torch.allclose(coeffs, torch.tensor([1 / math.factorial(i) for i in range(1, degree + 1)]).double())
+    # feature 5 + 0 is a_2 * x_0 * x_0 (first degree-2 monomial)
+    assert torch.allclose(fast[..., 5], 0.5 * x[..., 0] ** 2)
+
+
+def test_momentum_step_custom_backward_gradcheck():
+    from neatlm.ops.memory_scan import momentum_step
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(2, 1, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    args += [torch.rand(2, 1, 1, 1, generator=g, dtype=torch.float64) for _ in range(2)]
+    args = [a.requires_grad_(True) for a in args]
+    assert torch.autograd.gradcheck(momentum_step, args)
+    w_new, s_new = momentum_step(*args)
+    w, s, u, eta, keep = args
+    assert torch.allclose(s_new, eta * s + u) and torch.allclose(w_new, keep * w + eta * s + u)
+    # only one output used downstream
+    assert torch.autograd.gradcheck(lambda *a: momentum_step(*a)[0], args)
+    assert torch.autograd.gradcheck(lambda *a: momentum_step(*a)[1], args)
+
+
+@pytest.mark.parametrize("depth,norm,cap", [(1, False, 0.0), (2, False, 0.0), (2, True, 0.6), (3, True, 0.0),
+                                            (3, False, 0.6)])
+def test_fused_chunk_step_backward(depth, norm, cap):
+    """The hand-written backward: float64 gradcheck, and equality with autograd through the unfused path."""
+    from neatlm.ops import memory_scan as ms
+    g = torch.Generator().manual_seed(4)
+    n_k, n_q, b, h = 5, 3, 2, 1
+    ws = [torch.randn(b, h, *s, generator=g, dtype=torch.float64) * (2.0 / s[1]) ** 0.5 for s in _shapes(depth)]
+    ss = [torch.randn(b, h, *s, generator=g, dtype=torch.float64) * 0.1 for s in _shapes(depth)]
+    x = torch.nn.functional.normalize(torch.randn(b, h, n_k + n_q, DK, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(b, h, n_k, DV, generator=g, dtype=torch.float64)
+    c = -torch.rand(b, h, n_k, generator=g, dtype=torch.float64)
+    eta = torch.rand(b, h, 1, 1, generator=g, dtype=torch.float64)
+    keep = torch.rand(b, h, 1, 1, generator=g, dtype=torch.float64)
+    args = [t.requires_grad_(True) for t in [x, v, c, eta, keep, *ws, *ss]]
+
+    def fused(x, v, c, eta, keep, *wss):
+        y, w, s = ms.chunk_step(list(wss[:depth]), list(wss[depth:]), x, n_k, v, c, eta, keep, norm, cap)
+        return (y, *w, *s)
+
+    def unfused(x, v, c, eta, keep, *wss):
+        y, grads = ms._inner_grads(list(wss[:depth]), x, n_k, v, c, norm, cap)
+        new = [ms.momentum_step(w, s, u, eta, keep) for w, s, u in zip(wss[:depth], wss[depth:], grads)]
+        return (y, *[p[0] for p in new], *[p[1] for p in new])
+
+    assert torch.autograd.gradcheck(fused, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    outs_f, outs_u = fused(*args), unfused(*args)
+    for a, b in zip(outs_f, outs_u):
+        assert (a - b).abs().max() < 1e-12
+    cot = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs_f]
+    gf = torch.autograd.grad(outs_f, args, cot)
+    gu = torch.autograd.grad(outs_u, args, cot)
+    for a, b in zip(gf, gu):
+        assert (a - b).abs().max() < 1e-10
