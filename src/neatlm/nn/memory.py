@@ -38,6 +38,7 @@ from torch import nn
 
 from ..ops.features import poly_feature_dim, poly_features, poly_features_reference, poly_init_coeffs
 from ..ops.memory_scan import memory_forward, memory_scan, memory_scan_reference
+from ..ops.newton_schulz import newton_schulz
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import MemoryConfig
@@ -135,6 +136,12 @@ class NeuralMemory(nn.Module):
             dk = dim_head
         self.dim_key = dk
         self.use_reference = False   # tests: run the token-loop references of ops instead of the fast path
+        # test-time learning schedule, set by the model from [ttl] and by the trainer (warmup):
+        self.learning = True         # False: read only, the fast weights stay where they are
+        self.update_every = 1        # inner step on every n-th chunk of the absolute grid only
+        # TTL metrics: when collect_stats is set, forward leaves detached scalars in last_stats
+        self.collect_stats = False
+        self.last_stats: dict[str, torch.Tensor] = {}
         if function == "linear":
             shapes = [(dim_head, dk)]
         else:
@@ -198,6 +205,50 @@ class NeuralMemory(nn.Module):
         bsz, _, T, _ = y.shape
         return self.to_out(y.transpose(1, 2).reshape(bsz, T, self.heads * self.dim_head))
 
+    def _chunk_updates(self, first_chunk: int, n_chunks: int) -> list[bool] | None:
+        """Which complete chunks take an inner step (None = all): warmup and update frequency.
+
+        Chunk indices are absolute (chunk j holds positions [j b, (j+1) b)), so the pattern does
+        not depend on how a sequence is split into calls.
+        """
+        if self.learning and self.update_every == 1:
+            return None
+        return [self.learning and (first_chunk + i) % self.update_every == 0 for i in range(n_chunks)]
+
+    @torch.no_grad()
+    def _ttl_stats(self, state: MemoryState, w_new: list[torch.Tensor], s_new: list[torch.Tensor],
+                   keys: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor, eta: torch.Tensor,
+                   keep: torch.Tensor, gamma: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Inner loss on this call's complete chunks before and after the updates, and the size of
+        what the inner optimiser did; scalars averaged over batch and heads."""
+        def inner_loss(weights) -> torch.Tensor:
+            return (memory_forward(list(weights), keys, self.norm) - targets).pow(2).sum(-1).mean()
+
+        def fro(ts) -> torch.Tensor:  # per (batch, head) Frobenius norm over every weight matrix
+            return torch.stack([t.pow(2).sum((-1, -2)) for t in ts]).sum(0).sqrt()
+
+        w_old = state.weights
+        stats = {
+            "inner_loss_before": inner_loss(w_old),
+            "inner_loss_after": inner_loss(w_new),
+            "momentum_norm": fro(s_new).mean(),
+            "update_ratio": (fro([a - b for a, b in zip(w_new, w_old)]) / fro(w_old).clamp_min(1e-12)).mean(),
+            "lr_mean": lr.mean(),
+            "momentum_gate_mean": eta.mean(),
+            "forget_gate_mean": (1 - keep).mean(),
+        }
+        if gamma is not None:
+            stats["omega_gate_mean"] = gamma.mean()
+        if self.optimizer == "muon":  # how orthogonal NS makes the update: ||X X^T - I|| on the short side
+            residual = []
+            for m in s_new:
+                x = newton_schulz(m, self.ns_steps)
+                x = x if x.shape[-2] <= x.shape[-1] else x.transpose(-1, -2)
+                eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
+                residual.append((x @ x.transpose(-1, -2) - eye).pow(2).sum((-1, -2)).sqrt().mean())
+            stats["ns_residual"] = torch.stack(residual).mean()
+        return {k: v.detach() for k, v in stats.items()}
+
     def read(self, x: torch.Tensor, state: MemoryState | None = None) -> torch.Tensor:
         """Read only, no update: y_t = M_W(phi(q_t)) (+ q_t) with the state's current weights (those
         from the end of its last complete chunk). x: (B, T, dim) -> (B, T, dim)."""
@@ -250,7 +301,12 @@ class NeuralMemory(nn.Module):
         y, w_new, s_new = scan(list(w), list(s), qf, k_all, v_all, lr_all, eta, keep, gamma_all,
                                       chunk_size=b, window=self.window, norm=self.norm,
                                       optimizer=self.optimizer, ns_steps=self.ns_steps,
-                                      max_grad_norm=self.max_grad_norm)
+                                      max_grad_norm=self.max_grad_norm,
+                                      updates=self._chunk_updates(state.position // b, n_done // b))
+        if self.collect_stats and n_done:
+            self.last_stats = self._ttl_stats(state, w_new, s_new, k_all[..., e:e + n_done, :],
+                                              v_all[..., e:e + n_done, :], lr_all[..., :n_done], eta, keep,
+                                              None if gamma_all is None else gamma_all[..., e:e + n_done])
         y = y[..., m:, :]
         if self.residual:
             y = y + q

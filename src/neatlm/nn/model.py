@@ -112,6 +112,14 @@ class NeatLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         nn.init.normal_(self.embed.weight, std=m.init_std)  # also the tied output head
+        for mem in self.memory_layers():
+            mem.update_every = cfg.ttl.update_every
+
+    def memory_layers(self) -> list[nn.Module]:
+        """The test-time memory modules, in block order (empty without memory)."""
+        from .memory import NeuralMemory
+
+        return [m for m in self.modules() if isinstance(m, NeuralMemory)]
 
     def forward(self, idx: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         x = self.embed(idx)

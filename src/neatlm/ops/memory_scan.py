@@ -25,7 +25,8 @@ weights at the end of chunk n-1 (W^(-1) = the given ``weights``).
           S^(n) = eta_n S^(n-1) - sum_{t in chunk n} theta_t g_t
           momentum: W^(n) = keep_n W^(n-1) + S^(n)
           muon:     W^(n) = keep_n W^(n-1) + mean_t(theta_t) NS_k(S^(n))
-  (NS_k = quintic Newton-Schulz, per weight matrix). A trailing partial chunk is read only.
+  (NS_k = quintic Newton-Schulz, per weight matrix). A trailing partial chunk is read only, and so
+  is any chunk n with ``updates[n]`` False (warmup, update frequency).
 
 Fast path: per chunk, all b (+ e prefix) inner gradients come from one batched forward of the memory
 on [keys; queries], one backward of the per-token deltas, and one weighted GEMM per weight matrix,
@@ -180,8 +181,12 @@ def memory_scan(weights: Weights, momentum: Weights, q: torch.Tensor, k: torch.T
                 v: torch.Tensor, lr: torch.Tensor, mom: torch.Tensor, keep: torch.Tensor,
                 gamma: torch.Tensor | None = None, *, chunk_size: int, window: int = 1,
                 norm: bool = False, optimizer: str = "momentum", ns_steps: int = 5,
-                max_grad_norm: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+                max_grad_norm: float = 0.0, updates: Sequence[bool] | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Fast chunk-parallel memory. See the module docstring for the exact semantics.
+
+    ``updates[n]`` False makes complete chunk n read-only: no inner step, weights and momentum
+    unchanged (test-time-learning warmup and update frequency); None = every chunk learns.
 
     weights, momentum: lists of (..., out_i, in_i).  q: (..., L, in_1).  k: (..., L+c-1, in_1),
     v: (..., L+c-1, out_D) (the first c-1 rows are the tokens before q[0]; pad with gamma = 0).
@@ -210,6 +215,9 @@ def memory_scan(weights: Weights, momentum: Weights, q: torch.Tensor, k: torch.T
         etas = mom[..., None, None].unbind(-3)
         keeps = keep[..., None, None].unbind(-3)
     for n in range(n_chunks):
+        if updates is not None and not updates[n]:
+            ys.append(memory_forward(w_cur, q_rows[..., n, :, :], norm))
+            continue
         rows, c_n = x_rows[n], coefs[n]
         if optimizer == "momentum" and FUSED:
             y, w_cur, s_cur = chunk_step(w_cur, s_cur, rows, e + b, v_rows[n], c_n, etas[n], keeps[n], norm,
@@ -459,7 +467,8 @@ def memory_scan_reference(weights: Weights, momentum: Weights, q: torch.Tensor, 
                           v: torch.Tensor, lr: torch.Tensor, mom: torch.Tensor, keep: torch.Tensor,
                           gamma: torch.Tensor | None = None, *, chunk_size: int, window: int = 1,
                           norm: bool = False, optimizer: str = "momentum", ns_steps: int = 5,
-                          max_grad_norm: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+                          max_grad_norm: float = 0.0, updates: Sequence[bool] | None = None,
+                          ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Token loop with the semantics of :func:`memory_scan` (same arguments and results)."""
     L, e, n_chunks = _check(q, k, v, lr, mom, keep, gamma, chunk_size, window)
     b = chunk_size
@@ -474,8 +483,8 @@ def memory_scan_reference(weights: Weights, momentum: Weights, q: torch.Tensor, 
             w_start = list(w_cur)                      # the linearisation point of chunk n
             total = [torch.zeros_like(w) for w in w_cur]
         ys.append(memory_forward_reference(w_start, q[..., t, :], norm))
-        if n >= n_chunks:
-            continue                                   # partial chunk: read only
+        if n >= n_chunks or (updates is not None and not updates[n]):
+            continue                                   # partial or read-only chunk
         for i in range(t - window + 1, t + 1):         # Omega window, row i + e of k, v, gamma
             g_i = _token_grad_reference(w_start, k[..., i + e, :], v[..., i + e, :], norm, max_grad_norm)
             wgt = (lr[..., t] * gamma[..., i + e])[..., None, None]

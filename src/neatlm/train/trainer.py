@@ -66,8 +66,10 @@ class Trainer:
         specs = component_specs(cfg)
         self.checkpointing = self._apply_checkpointing(specs)  # before DDP: paths of the bare model
         # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
-        self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None) \
-            if self.dist.enabled else self.model
+        # during TTL warmup the memory gates get no gradient: DDP must be told some may be unused
+        self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None,
+                             find_unused_parameters=cfg.ttl.warmup_steps > 0) if self.dist.enabled else self.model
+        self.memories = self.model.memory_layers()
         try:
             # one backward per segment of every micro-batch; objectives are scaled to match
             self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps,
@@ -186,6 +188,9 @@ class Trainer:
         """
         t, dev = self.cfg.train, self.hw.device
         total, scored = torch.zeros((), device=dev), 0
+        for mem in self.memories:
+            mem.learning = self.step >= self.cfg.ttl.warmup_steps  # warmup: read W0, learn nothing
+            mem.collect_stats = log
         for micro in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
@@ -194,6 +199,10 @@ class Trainer:
             scored += n
         stats = self.coord.step(log=log)
         self.coord.zero_grad()
+        for i, mem in enumerate(self.memories):
+            if log:  # from the last segment's forward of this step
+                stats.update({f"ttl/layer{i}/{k}": v.item() for k, v in mem.last_stats.items()})
+            mem.learning, mem.collect_stats, mem.last_stats = True, False, {}  # evaluation always learns
         self.step += 1
         return all_reduce_mean(total / max(scored, 1), self.dist), stats
 
@@ -236,6 +245,7 @@ class Trainer:
                    dynamic_ncols=True)
         last: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
+        started = window_start
         try:
             while self.step < end:
                 # records at steps 1, 1 + log_every, ... (the coordinator's monitor steps) and the last
@@ -246,7 +256,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     loss_value = loss.item()
                     last = {"loss": loss_value, "bpb": bits_per_byte(loss_value),
-                            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9), **stats}
+                            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                            "elapsed_s": time.perf_counter() - started, **stats}
                     for event in self.coord.pop_events():
                         bar.write(f"step {self.step}: guard: {event}")
                     if metrics:
@@ -256,7 +267,7 @@ class Trainer:
                     window_steps = 0
                     window_start = time.perf_counter()
                 if (e.every and self.step % e.every == 0) or self.step == t.steps:
-                    val = self.evaluate()
+                    val = {**self.evaluate(), "elapsed_s": time.perf_counter() - started}
                     self._check_finite("validation loss", val["val_loss"])
                     self.best_val = min(self.best_val, val["val_loss"])
                     last.update(val)

@@ -1,0 +1,92 @@
+"""Test-time-learning schedule (warmup, update frequency), TTL metrics, and memory in the full model."""
+
+import pytest
+import torch
+
+from conftest import small_config
+from neatlm.config import Config
+from neatlm.nn.memory import NeuralMemory
+from neatlm.nn.model import NeatLM
+from neatlm.train.metrics import read_metrics
+from neatlm.train.trainer import Trainer
+
+
+def memory(**kw) -> NeuralMemory:
+    torch.manual_seed(0)
+    return NeuralMemory(16, heads=2, chunk_size=4, max_grad_norm=1.0, **kw).double()
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "muon"])
+def test_update_every_holds_memory_still_on_skipped_chunks(optimizer):
+    mem = memory(optimizer=optimizer)
+    mem.update_every = 2
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    states = []
+    state = None
+    for c in range(4):  # one chunk per call
+        _, state = mem(x[:, 4 * c:4 * c + 4], state)
+        states.append(state)
+    w = lambda s: torch.cat([t.flatten() for t in s.weights])  # noqa: E731
+    assert not torch.equal(w(states[0]), w(mem.initial_state(2)))  # chunk 0 learns
+    assert torch.equal(w(states[1]), w(states[0]))                  # chunk 1 is held still
+    assert not torch.equal(w(states[2]), w(states[1]))              # chunk 2 learns
+    assert torch.equal(w(states[3]), w(states[2]))
+    y_whole, s_whole = mem(x)  # the pattern is on the absolute grid: any split gives the same
+    assert torch.allclose(w(s_whole), w(states[3]), atol=1e-12)
+    mem.use_reference = True
+    y_ref, s_ref = mem(x)
+    assert torch.allclose(y_ref, y_whole, atol=1e-10) and torch.allclose(w(s_ref), w(s_whole), atol=1e-10)
+
+
+def test_learning_off_reads_initial_weights():
+    mem = memory()
+    mem.learning = False
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    y, state = mem(x)
+    w0 = mem.initial_state(2)
+    assert all(torch.equal(a, b) for a, b in zip(state.weights, w0.weights))
+    y_first, _ = mem(x[:, :4])
+    assert torch.allclose(y[:, 4:8], mem(x[:, 4:8])[0])  # every chunk reads W0
+    assert torch.allclose(y[:, :4], y_first)
+
+
+def test_full_model_with_memory_is_causal():
+    cfg = Config()
+    cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.window = 32, 2, 2, 8
+    cfg.memory.enabled, cfg.memory.chunk_size = True, 4
+    torch.manual_seed(0)
+    model = NeatLM(cfg).double()
+    x = torch.randint(0, 256, (2, 40))
+    t = int(torch.randint(1, 39, ()))
+    x2 = x.clone()
+    x2[:, t] = (x2[:, t] + 7) % 256
+    a, b = model(x)[0], model(x2)[0]
+    assert torch.equal(a[:, :t], b[:, :t]) and not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_trainer_warmup_metrics_and_segments(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "t", steps=4, log_every=1, segments=2, seq_len=16)
+    cfg.memory.enabled, cfg.memory.chunk_size, cfg.model.window = True, 4, 8
+    cfg.memory.optimizer = "muon"
+    cfg.ttl.warmup_steps = 2
+    trainer = Trainer(cfg)
+    trainer.train()
+    recs = [r for r in read_metrics(tmp_path / "t") if "loss" in r]
+    keys = {"inner_loss_before", "inner_loss_after", "momentum_norm", "update_ratio", "lr_mean",
+            "momentum_gate_mean", "forget_gate_mean", "ns_residual"}
+    for layer in (0, 1):
+        assert all(keys <= {k.split("/")[-1] for k in r if k.startswith(f"ttl/layer{layer}/")} for r in recs)
+    ratio = [r["ttl/layer0/update_ratio"] for r in recs]
+    assert ratio[0] == 0.0 and ratio[1] == 0.0 and ratio[2] > 0 and ratio[3] > 0  # warmup holds memory still
+    assert all(m.learning and not m.collect_stats for m in trainer.memories)  # evaluation learns again
+
+
+def test_carried_memory_state_has_no_graph(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "n", steps=3, segments=4, seq_len=8)
+    cfg.memory.enabled, cfg.memory.chunk_size, cfg.model.window = True, 4, 4
+    cfg.memory.reset = "never"
+    trainer = Trainer(cfg)
+    trainer.train()
+    mem_state = trainer.carry[0].memory
+    assert mem_state.position == 3 * 4 * 8
+    assert all(t.grad_fn is None for t in mem_state.weights + mem_state.momentum)
