@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from conftest import small_config
 from neatlm.cli import main
+from neatlm.config import preset_names
 from neatlm.grad.check import check_gradients
 from neatlm.nn.model import NeatLM
 from neatlm.train.trainer import Trainer
@@ -65,9 +67,22 @@ def test_every_parameter_changes_after_training(corpus_dir, tmp_path):
     assert unchanged == []
 
 
-def test_cli_gradcheck_exit_codes(capsys):
+def test_cli_gradcheck_exit_codes(capsys, monkeypatch):
     argv = ["gradcheck", "--set", "model.dim=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
             "--samples", "2", "--seq-len", "8"]
     assert main(argv) == 0
     assert "all gradients present and correct" in capsys.readouterr().out
-    assert main(argv + ["--tolerance", "1e-30"]) == 1  # an impossible tolerance must fail
+    from neatlm.nn.model import SwiGLU
+
+    original = SwiGLU.forward
+    monkeypatch.setattr(SwiGLU, "forward", lambda self, x: original(self, _WrongBackward.apply(x)))
+    assert main(argv) == 1  # a wrong backward anywhere in the model fails the command
+    assert "WRONG" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_gradcheck_passes_on_every_preset(preset, capsys):
+    """`neat gradcheck --preset P` at reduced width: every component the preset uses is checked."""
+    argv = ["gradcheck", "--preset", preset, "--set", "model.dim=16", "--set", "model.n_layers=1",
+            "--set", "model.n_heads=2", "--set", "memory.chunk_size=4", "--samples", "2", "--seq-len", "12"]
+    assert main(argv) == 0, capsys.readouterr().out
