@@ -64,7 +64,10 @@ class Trainer:
         self.model = NeatLM(cfg).to(self.hw.device)
         self.sampler = self.data.sampler
         specs = component_specs(cfg)
-        self.checkpointing = self._apply_checkpointing(specs)  # before DDP: paths of the bare model
+        try:
+            self.checkpointing = self._apply_checkpointing(specs)  # before DDP: paths of the bare model
+        except ValueError as exc:  # e.g. orphan parameters when units = "components"
+            raise ConfigError(str(exc)) from None
         # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
         # during TTL warmup the memory gates get no gradient: DDP must be told some may be unused
         self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None,
