@@ -46,9 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             procs = f"; {trainer.dist.world} processes" if trainer.dist.enabled else ""
             print(f"neat: {trainer.hw.describe()}{procs}; {trainer.model.num_params():,} parameters; "
                   f"data: {trainer.data.describe()}; run dir {trainer.run_dir}", file=sys.stderr)
-            comps = ", ".join(f"{n} ({len(trainer.coord.params(n))} tensors, "
-                              f"{trainer.coord.components[n].spec.optimizer} lr {trainer.coord.lr(n):.2g})"
-                              for n in trainer.coord.names)
+            specs = {n: trainer.coord.components[n].spec for n in trainer.coord.names}
+            comps = ", ".join(f"{n} ({len(trainer.coord.params(n))} tensors, {s.optimizer}, peak lr {s.lr:.2g}, "
+                              f"{s.schedule})" for n, s in specs.items())
             print(f"neat: components: {comps}; {trainer.checkpointing}", file=sys.stderr)
         result = trainer.train()
     finally:
