@@ -90,3 +90,38 @@ def test_carried_memory_state_has_no_graph(corpus_dir, tmp_path):
     mem_state = trainer.carry[0].memory
     assert mem_state.position == 3 * 4 * 8
     assert all(t.grad_fn is None for t in mem_state.weights + mem_state.momentum)
+
+
+def test_causal_conv_is_causal_split_exact_and_gradchecked():
+    mem = memory(conv_size=4)
+    with torch.no_grad():  # move away from the identity init so the conv really mixes tokens
+        mem.conv.weight.normal_(0, 0.5)
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    y, s_whole = mem(x)
+    state, parts = None, []
+    for a, b in [(0, 3), (3, 4), (4, 11), (11, 19)]:
+        out, state = mem(x[:, a:b], state)
+        parts.append(out)
+    assert torch.allclose(torch.cat(parts, 1), y, atol=1e-12)
+    x2 = x.clone()
+    x2[:, 9] += 1.0
+    assert torch.equal(mem(x2)[0][:, :9], y[:, :9])
+    assert not torch.allclose(mem(x2)[0][:, 9:], y[:, 9:])
+    mem.use_reference = True
+    assert torch.allclose(mem(x)[0], y, atol=1e-10)
+    mem.use_reference = False
+    small = memory(conv_size=3)
+    xs = torch.randn(1, 9, 16, dtype=torch.float64, requires_grad=True)
+    params = [small.conv.weight, small.to_k.weight]
+    assert torch.autograd.gradcheck(lambda inp, *ps: small(inp)[0], (xs, *params))
+
+
+def test_conv_starts_as_identity_and_mac_is_refused():
+    from neatlm.config import ConfigError, load_config
+
+    a, b = memory(), memory(conv_size=4)
+    b.load_state_dict({k: v for k, v in a.state_dict().items()}, strict=False)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    assert torch.allclose(a(x)[0], b(x)[0], atol=1e-12)
+    with pytest.raises(ConfigError, match="memory.conv_size"):
+        load_config(overrides=["memory.enabled=true", "memory.conv_size=4", "memory.combine=mac"])

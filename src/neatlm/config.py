@@ -77,6 +77,7 @@ class MemoryConfig:
     learn_init: bool = _f(True, "meta-learn the initial memory weights in the outer loop")
     reset: str = _f("sequence", "when memory returns to its initial state",
                     choices=("sequence", "batch", "never"))
+    conv_size: int = _f(0, "short causal depthwise conv over q, k, v (Titans uses 4); 0 = off", min=0)
     detach_output: bool = _f(False, "outer gradients reach the memory read only, not the fast-weight "
                              "trajectory (k, v, gates, W0 get no outer gradient)")
 
@@ -380,6 +381,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.seq_len = {t.seq_len}: must be <= model.context = {m.context}")
     if cfg.memory.enabled and cfg.memory.dim_head == 0 and m.dim % cfg.memory.heads:
         raise ConfigError(f"memory.heads = {cfg.memory.heads}: must divide model.dim = {m.dim}")
+    if cfg.memory.conv_size > 0 and cfg.memory.combine == "mac":
+        raise ConfigError("memory.conv_size: the causal conv is not supported with memory.combine = 'mac' "
+                          "(use mag or mal)")
     if cfg.memory.reset == "never" and m.window == 0:
         raise ConfigError("memory.reset = 'never': needs model.window > 0 (state carried forever would keep an "
                           "ever-growing full-attention cache)")

@@ -64,6 +64,7 @@ class MemoryState:
     buf_mom: torch.Tensor
     buf_decay: torch.Tensor
     position: int = 0
+    conv: torch.Tensor | None = None   # (B, K-1, 3 inner): last q|k|v projections for the causal conv
 
     def _map(self, fn) -> "MemoryState":
         out = {}
@@ -92,7 +93,7 @@ class NeuralMemory(nn.Module):
                  norm: bool = False, objective: str = "titans", omega_window: int = 4,
                  features: str = "identity", poly_degree: int = 2, optimizer: str = "momentum",
                  ns_steps: int = 5, max_lr: float = 0.1, max_grad_norm: float = 0.0,
-                 learn_init: bool = True, detach_output: bool = False) -> None:
+                 learn_init: bool = True, detach_output: bool = False, conv_size: int = 0) -> None:
         super().__init__()
         if function not in ("linear", "mlp"):
             raise ValueError(f"function={function!r}: allowed 'linear', 'mlp'")
@@ -117,6 +118,15 @@ class NeuralMemory(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        # optional short causal depthwise conv over the q|k|v projections (Titans): lets a key
+        # mix in the previous token, so the memory can store "key -> next token" associations.
+        # Initialised to the identity (last tap 1), so conv_size > 0 starts as conv_size = 0.
+        self.conv_size = conv_size
+        self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_size, groups=3 * inner, bias=False) if conv_size else None
+        if self.conv is not None:
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.weight[:, 0, -1] = 1.0
         # gate logits: learning rate, momentum, forgetting (and Omega gamma), one per head
         self.to_lr = nn.Linear(dim, heads)
         self.to_mom = nn.Linear(dim, heads)
@@ -166,7 +176,7 @@ class NeuralMemory(nn.Module):
                    norm=cfg.norm, objective=cfg.objective, omega_window=cfg.omega_window,
                    features=cfg.features, poly_degree=cfg.poly_degree, optimizer=cfg.optimizer,
                    ns_steps=cfg.ns_steps, max_lr=cfg.max_lr, max_grad_norm=cfg.max_grad_norm,
-                   learn_init=cfg.learn_init, detach_output=cfg.detach_output)
+                   learn_init=cfg.learn_init, detach_output=cfg.detach_output, conv_size=cfg.conv_size)
 
     def initial_weights(self) -> list[torch.Tensor]:
         """The learned (or fixed) initial fast weights W0, each (H, out, in)."""
@@ -185,7 +195,9 @@ class NeuralMemory(nn.Module):
         z = lambda *s: torch.zeros(batch, h, *s, device=device, dtype=dtype)  # noqa: E731
         return MemoryState(weights, momentum, buf_k=z(e, self.dim_key), buf_v=z(e, self.dim_head),
                            buf_gamma=z(e) if self.window > 1 else None, buf_lr=z(0), buf_mom=z(0),
-                           buf_decay=z(0), position=0)
+                           buf_decay=z(0), position=0,
+                           conv=None if self.conv is None else
+                           torch.zeros(batch, self.conv_size - 1, 3 * h * self.dim_head, device=device, dtype=dtype))
 
     reset = initial_state
 
@@ -204,6 +216,17 @@ class NeuralMemory(nn.Module):
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         bsz, _, T, _ = y.shape
         return self.to_out(y.transpose(1, 2).reshape(bsz, T, self.heads * self.dim_head))
+
+    def _project(self, x: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, ...]:
+        """q, k, v projections (B, T, inner), through the causal conv when enabled, and the conv's
+        new buffer (the last K-1 projections, so a split continues exactly)."""
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        if self.conv is None:
+            return q, k, v, None
+        full = torch.cat([state.conv, torch.cat([q, k, v], dim=-1)], dim=1)     # (B, K-1+T, 3 inner)
+        out = self.conv(full.transpose(1, 2)).transpose(1, 2)                    # (B, T, 3 inner)
+        q, k, v = out.chunk(3, dim=-1)
+        return q, k, v, full[:, full.shape[1] - (self.conv_size - 1):]
 
     def _chunk_updates(self, first_chunk: int, n_chunks: int) -> list[bool] | None:
         """Which complete chunks take an inner step (None = all): warmup and update frequency.
@@ -252,6 +275,8 @@ class NeuralMemory(nn.Module):
     def read(self, x: torch.Tensor, state: MemoryState | None = None) -> torch.Tensor:
         """Read only, no update: y_t = M_W(phi(q_t)) (+ q_t) with the state's current weights (those
         from the end of its last complete chunk). x: (B, T, dim) -> (B, T, dim)."""
+        if self.conv is not None:
+            raise ValueError("read() without an update does not support conv_size > 0 (MAC with a conv)")
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         q = F.normalize(self._heads(self.to_q(x)), dim=-1)
@@ -268,9 +293,8 @@ class NeuralMemory(nn.Module):
             return x.new_zeros(bsz, 0, self.dim), state
         b, e = self.chunk_size, self.window - 1
         m = state.position % b
-        q = F.normalize(self._heads(self.to_q(x)), dim=-1)
-        k = F.normalize(self._heads(self.to_k(x)), dim=-1)
-        v = self._heads(self.to_v(x))
+        q, k, v, conv_buf = self._project(x, state)
+        q, k, v = F.normalize(self._heads(q), dim=-1), F.normalize(self._heads(k), dim=-1), self._heads(v)
         target = v - k if self.residual else v
         lr = self.max_lr * torch.sigmoid(self.to_lr(x)).transpose(1, 2)   # (B, H, T)
         mom_logit = self.to_mom(x).transpose(1, 2)
@@ -316,5 +340,5 @@ class NeuralMemory(nn.Module):
             buf_k=k_all[..., n_done:, :], buf_v=v_all[..., n_done:, :],
             buf_gamma=None if gamma_all is None else gamma_all[..., n_done:],
             buf_lr=lr_all[..., n_done:], buf_mom=mom_all[..., n_done:], buf_decay=decay_all[..., n_done:],
-            position=state.position + T)
+            position=state.position + T, conv=conv_buf)
         return out, new_state
