@@ -17,6 +17,14 @@ def _threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors or a sequential chunk loop: one intra-op thread is faster and steadier."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(2)
+
+
 def write_corpus(root: Path, n_files: int = 12, seed: int = 0) -> Path:
     """Python-looking files with enough structure for a tiny model to learn something."""
     rng = random.Random(seed)

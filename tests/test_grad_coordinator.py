@@ -14,13 +14,7 @@ from neatlm.grad.components import ComponentSpec, assign_parameters, parse_compo
 from neatlm.grad.coordinator import GradientCoordinator
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Memory(nn.Module):

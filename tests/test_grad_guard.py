@@ -10,7 +10,9 @@ from neatlm.grad.components import parse_components
 from neatlm.grad.coordinator import GradientCoordinator
 from neatlm.grad.guard import GuardConfig, TrainingDiverged
 
-from test_grad_coordinator import SPECS, data, lm, make, one_thread  # noqa: F401 (autouse fixture)
+from test_grad_coordinator import SPECS, data, lm, make
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(ps):

@@ -117,15 +117,6 @@ def test_gradcheck_input_and_every_parameter(kw):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.fixture
-def one_thread():
-    """The chunk loop is sequential: on a shared machine one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_stability_at_defaults(one_thread):
     torch.manual_seed(0)
     mem = NeuralMemory.from_config(128, MemoryConfig())
