@@ -69,6 +69,27 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
     return s * (1.0 + z * (1.0 - s))
 
 
+def _forward_saving(weights: Weights, x: torch.Tensor, norm: bool):
+    """M_W(x) keeping what the analytic backward needs: (output, layer inputs, hidden
+    pre-activations, LayerNorm 1/std or None). Shared by the unfused and fused chunk steps."""
+    acts, pres = [x], []  # inputs of each layer; pre-activations of hidden layers
+    h = x
+    for i, w in enumerate(weights):
+        z = h @ w.transpose(-1, -2)
+        if i < len(weights) - 1:
+            pres.append(z)
+            h = F.silu(z)
+            acts.append(h)
+        else:
+            h = z
+    inv = None
+    if norm:
+        hc = h - h.mean(-1, keepdim=True)
+        inv = torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + LN_EPS)
+        h = hc * inv
+    return h, acts, pres, inv
+
+
 def _inner_grads(weights: Weights, x: torch.Tensor, n_k: int, v: torch.Tensor, coef: torch.Tensor,
                  norm: bool, max_grad_norm: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One batched forward on rows x = [keys (n_k); queries], analytic backward on the keys.
@@ -77,22 +98,7 @@ def _inner_grads(weights: Weights, x: torch.Tensor, n_k: int, v: torch.Tensor, c
     of the per-key gradients: sum_i coef_i * clip(grad_W ||M_W(k_i) - v_i||^2).
     """
     n_layers = len(weights)
-    acts = [x]          # inputs of each layer
-    pres = []           # pre-activations of hidden layers
-    h = x
-    for i, w in enumerate(weights):
-        z = h @ w.transpose(-1, -2)
-        if i < n_layers - 1:
-            pres.append(z)
-            h = F.silu(z)
-            acts.append(h)
-        else:
-            h = z
-    if norm:
-        mu = h.mean(-1, keepdim=True)
-        hc = h - mu
-        inv = torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + LN_EPS)
-        h = hc * inv
+    h, acts, pres, inv = _forward_saving(weights, x, norm)
     y = h[..., n_k:, :]
     o = h[..., :n_k, :]
     delta = 2.0 * (o - v)                                      # d l / d o
@@ -272,22 +278,8 @@ class _ChunkStep(torch.autograd.Function):
     def forward(ctx, x, v, c, eta, kp, n_k, norm, cap, n_w, *ws_ss):
         ws, ss = ws_ss[:n_w], ws_ss[n_w:]
         D = n_w
-        acts, pres = [x], []
-        h = x
-        for i, w in enumerate(ws):
-            z = h @ w.transpose(-1, -2)
-            if i < D - 1:
-                pres.append(z)
-                h = F.silu(z)
-                acts.append(h)
-            else:
-                h = z
-        inv = bm = None
-        if norm:
-            hc = h - h.mean(-1, keepdim=True)
-            inv = torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + LN_EPS)
-            h = hc * inv
-        o = h
+        o, acts, pres, inv = _forward_saving(ws, x, norm)
+        bm = None
         y = o[..., n_k:, :]
         ok = o[..., :n_k, :]
         r = 2.0 * (ok - v)
