@@ -1,0 +1,85 @@
+"""Fused ops that recompute pointwise intermediates in backward (the "selective" policy's path)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neatlm.config import load_config
+from neatlm.grad.checkpointing import apply_checkpointing, measure_activations
+from neatlm.nn.model import NeatLM
+from neatlm.ops.recompute import rms_norm, rms_norm_reference, rms_norm_swiglu, rms_norm_swiglu_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _inputs(seed: int, dtype=torch.float64, weight: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    x, wgu, wd = r(2, 5, 8), r(12, 8), r(7, 6)
+    nw = (torch.rand(8, generator=g, dtype=dtype) + 0.5).requires_grad_() if weight else None
+    return x, nw, wgu, wd
+
+
+@pytest.mark.parametrize("eps,weight", [(1e-6, True), (1e-6, False), (None, False), (None, True)])
+def test_rms_norm_swiglu_gradcheck_and_reference(eps, weight):
+    seed = int(torch.randint(0, 2**31, ()).item())   # fresh random inputs every run
+    x, nw, wgu, wd = _inputs(seed, weight=weight)
+    args = (x, nw, wgu, wd, eps)
+    assert torch.autograd.gradcheck(rms_norm_swiglu, args), f"seed {seed}"
+    out, ref = rms_norm_swiglu(*args), rms_norm_swiglu_reference(*args)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in args[:4] if t is not None]
+    go = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, leaves, go),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_gradcheck_and_reference(weight):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    x, nw, _, _ = _inputs(seed, weight=weight)
+    assert torch.autograd.gradcheck(rms_norm, (x, nw, 1e-5)), f"seed {seed}"
+    torch.testing.assert_close(rms_norm(x, nw, 1e-5), rms_norm_reference(x, nw, 1e-5))
+    torch.testing.assert_close(rms_norm(x, nw, 1e-5), F.rms_norm(x, (8,), nw, 1e-5))
+
+
+def test_fused_ops_keep_fewer_bytes():
+    x, nw, wgu, wd = _inputs(0, torch.float32)
+    x = torch.randn(64, 32, 8, requires_grad=True)
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, nw, wgu, wd, 1e-5)
+        return sum(seen.values())
+
+    assert saved_bytes(rms_norm_swiglu) < 0.7 * saved_bytes(rms_norm_swiglu_reference)
+
+
+def test_selective_block_uses_fused_path_with_identical_gradients():
+    cfg = load_config("tiny", overrides=["model.n_layers=2"])
+    torch.manual_seed(0)
+    model = NeatLM(cfg)
+    fused = copy.deepcopy(model)
+    apply_checkpointing(fused, "selective")
+    idx = torch.randint(0, 256, (2, 33))
+
+    def step(m):
+        logits, _ = m(idx[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+    step(model).backward()
+    step(fused).backward()
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert not any(getattr(b, "recompute_pointwise") for b in fused.blocks)   # on only during a call
+    none, sel = measure_activations(model, step, "none"), measure_activations(model, step, "selective")
+    assert sel.total < 0.8 * none.total
