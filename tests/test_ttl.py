@@ -125,3 +125,22 @@ def test_conv_starts_as_identity_and_mac_is_refused():
     assert torch.allclose(a(x)[0], b(x)[0], atol=1e-12)
     with pytest.raises(ConfigError, match="memory.conv_size"):
         load_config(overrides=["memory.enabled=true", "memory.conv_size=4", "memory.combine=mac"])
+
+
+@pytest.mark.parametrize("from_key", [True, False])
+def test_query_init_from_key_reads_back_stored_values(from_key):
+    """With W_Q = W_K at init, reading the tokens of an earlier chunk returns their values."""
+    torch.manual_seed(1)
+    dim = 32
+    mem = NeuralMemory(dim, heads=1, chunk_size=4, function="linear", max_lr=1.0, max_grad_norm=0.0,
+                       query_init_from_key=from_key).double()
+    with torch.no_grad():
+        mem.to_out.weight.copy_(torch.eye(dim))
+        mem.to_lr.bias.fill_(10.0)          # theta ~ max_lr: one clean write per token
+        mem.to_decay.bias.fill_(-10.0)      # no forgetting
+    assert torch.equal(mem.to_q.weight, mem.to_k.weight) == from_key
+    tokens = torch.randn(1, 4, dim, dtype=torch.float64)
+    y, _ = mem(torch.cat([tokens, tokens], dim=1))       # chunk 0 writes, chunk 1 reads
+    values = mem.to_v(tokens)
+    cos = torch.nn.functional.cosine_similarity(y[:, 4:], values, dim=-1).mean()
+    assert (cos > 0.8) if from_key else (cos < 0.6), float(cos)

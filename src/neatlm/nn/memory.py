@@ -93,7 +93,8 @@ class NeuralMemory(nn.Module):
                  norm: bool = False, objective: str = "titans", omega_window: int = 4,
                  features: str = "identity", poly_degree: int = 2, optimizer: str = "momentum",
                  ns_steps: int = 5, max_lr: float = 0.1, max_grad_norm: float = 0.0,
-                 learn_init: bool = True, detach_output: bool = False, conv_size: int = 0) -> None:
+                 learn_init: bool = True, detach_output: bool = False, conv_size: int = 0,
+                 query_init_from_key: bool = True) -> None:
         super().__init__()
         if function not in ("linear", "mlp"):
             raise ValueError(f"function={function!r}: allowed 'linear', 'mlp'")
@@ -118,6 +119,12 @@ class NeuralMemory(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        if query_init_from_key:
+            # W_Q starts equal to W_K: reading with the key a value was stored under returns that
+            # value from the first step. With independent random W_Q, W_K the outer loop must first
+            # align them, a saddle that costs thousands of steps on recall tasks (benchmarks/mqar.py).
+            with torch.no_grad():
+                self.to_q.weight.copy_(self.to_k.weight)
         # optional short causal depthwise conv over the q|k|v projections (Titans): lets a key
         # mix in the previous token, so the memory can store "key -> next token" associations.
         # Initialised to the identity (last tap 1), so conv_size > 0 starts as conv_size = 0.
@@ -176,7 +183,8 @@ class NeuralMemory(nn.Module):
                    norm=cfg.norm, objective=cfg.objective, omega_window=cfg.omega_window,
                    features=cfg.features, poly_degree=cfg.poly_degree, optimizer=cfg.optimizer,
                    ns_steps=cfg.ns_steps, max_lr=cfg.max_lr, max_grad_norm=cfg.max_grad_norm,
-                   learn_init=cfg.learn_init, detach_output=cfg.detach_output, conv_size=cfg.conv_size)
+                   learn_init=cfg.learn_init, detach_output=cfg.detach_output, conv_size=cfg.conv_size,
+                   query_init_from_key=cfg.query_init_from_key)
 
     def initial_weights(self) -> list[torch.Tensor]:
         """The learned (or fixed) initial fast weights W0, each (H, out, in)."""
