@@ -116,13 +116,16 @@ def test_causal_conv_is_causal_split_exact_and_gradchecked():
     assert torch.autograd.gradcheck(lambda inp, *ps: small(inp)[0], (xs, *params))
 
 
-def test_conv_starts_as_identity_and_mac_is_refused():
+def test_conv_init_identity_on_q_v_token_shift_on_k_and_mac_is_refused():
     from neatlm.config import ConfigError, load_config
 
     a, b = memory(), memory(conv_size=4)
     b.load_state_dict({k: v for k, v in a.state_dict().items()}, strict=False)
     x = torch.randn(2, 12, 16, dtype=torch.float64)
-    assert torch.allclose(a(x)[0], b(x)[0], atol=1e-12)
+    q, k, v, _ = b._project(x, b.initial_state(2))
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    assert torch.allclose(q, a.to_q(x), atol=1e-12) and torch.allclose(v, a.to_v(x), atol=1e-12)
+    assert torch.allclose(k, 0.5 * (a.to_k(x) + a.to_k(prev)), atol=1e-12)
     with pytest.raises(ConfigError, match="memory.conv_size"):
         load_config(overrides=["memory.enabled=true", "memory.conv_size=4", "memory.combine=mac"])
 

@@ -77,7 +77,9 @@ class MemoryConfig:
     learn_init: bool = _f(True, "meta-learn the initial memory weights in the outer loop")
     reset: str = _f("sequence", "when memory returns to its initial state",
                     choices=("sequence", "batch", "never"))
-    conv_size: int = _f(0, "short causal depthwise conv over q, k, v (Titans uses 4); 0 = off", min=0)
+    conv_size: int = _f(0, "short causal depthwise conv over q, k, v (Titans uses 4); starts as the "
+                        "identity on q, v and as a token shift (mean of this and the previous token) on k; "
+                        "0 = off", min=0)
     query_init_from_key: bool = _f(True, "initialise W_Q as a copy of W_K (then trained separately), so a "
                                    "read with a stored key returns its value from the first step")
     detach_output: bool = _f(False, "outer gradients reach the memory read only, not the fast-weight "
