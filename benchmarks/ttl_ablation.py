@@ -5,7 +5,7 @@
 Each variant first times a few steps, then gets as many steps as fit in ``--seconds`` (its
 cosine schedule ends there), trains, and is evaluated on the same validation windows. Variants:
 the tiny preset (attention only), and the tiny preset with a memory branch (MAG) beside sliding
-window attention. Also reports RSS before and after, as a leak check over the run.
+window attention, without and with the short conv (token-shift keys, as in the MQAR presets). Also reports RSS before and after, as a leak check over the run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from neatlm.train.trainer import Trainer  # noqa: E402
 VARIANTS = {
     "attention (tiny)": [],
     "attention + memory (MAG)": ["memory.enabled=true", "model.window=64", "memory.chunk_size=32"],
+    "attention + memory (MAG, conv 4)": ["memory.enabled=true", "model.window=64", "memory.chunk_size=32",
+                                         "memory.conv_size=4"],
 }
 
 
