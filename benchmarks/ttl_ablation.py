@@ -69,9 +69,9 @@ def main() -> None:
         rows.append((name, steps, seconds, result["val_bpb"], rss0, rss1, trainer.model.num_params()))
         print(f"{name}: {steps} steps, val bpb {result['val_bpb']:.3f}", file=sys.stderr)
     print(f"\nequal wall time ~{args.seconds:.0f} s each (training + final evaluation), default corpus")
-    print(f"{'variant':<28}{'steps':>7}{'seconds':>9}{'val bpb':>9}{'RSS MB start/end':>20}{'params':>11}")
+    print(f"{'variant':<34}{'steps':>7}{'seconds':>9}{'val bpb':>9}{'RSS MB start/end':>20}{'params':>11}")
     for name, steps, sec, bpb, r0, r1, params in rows:
-        print(f"{name:<28}{steps:>7}{sec:>9.0f}{bpb:>9.3f}{f'{r0:.0f} / {r1:.0f}':>20}{params:>11,}")
+        print(f"{name:<34}{steps:>7}{sec:>9.0f}{bpb:>9.3f}{f'{r0:.0f} / {r1:.0f}':>20}{params:>11,}")
 
 
 if __name__ == "__main__":

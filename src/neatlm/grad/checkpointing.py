@@ -9,14 +9,17 @@ Policies (per unit: a block, or any submodule such as one component inside a blo
                    ``recompute_pointwise`` attribute: a block whose MLP is SwiGLU, or a SwiGLU),
                    that path runs: one autograd function whose backward rebuilds norm, silu and
                    product from the kept gate_up output (:mod:`neatlm.ops.recompute`), no replay
-                   of the forward. Elsewhere, torch's ``create_selective_checkpoint_contexts``
-                   keeps the outputs of mm, addmm, bmm, attention kernels and conv and replays
-                   the rest; that replay runs every op through a Python dispatch mode, which on
-                   small CPU models costs ~20% step time, the fused path ~nothing.
+                   of the forward; the rest of such a unit (e.g. a memory mixer inside the
+                   block) keeps its activations. A unit without a fused path goes through
+                   torch's ``create_selective_checkpoint_contexts``: it keeps the outputs of mm,
+                   addmm, bmm, attention kernels and conv and replays the rest, running every op
+                   through a Python dispatch mode, which on small CPU models costs ~20% step
+                   time (the fused path: ~nothing).
 
 All use the non-reentrant implementation, so units may take extra arguments, keyword arguments
-and ``None``, and may return tuples such as ``(x, state)``. Gradients are identical to
-``"none"``: recomputation replays the same ops with the same RNG state.
+and ``None``, and may return tuples such as ``(x, state)``. Gradients equal those of ``"none"``:
+bit for bit under ``"full"`` and torch's selective path (recomputation replays the same ops with
+the same RNG state), within float rounding on the fused path (a hand-written backward).
 
 Applying a policy replaces ``module.forward`` on the instance (parameter names, state dicts and
 ``copy.deepcopy`` are unaffected)::
@@ -150,7 +153,6 @@ class _Checkpointed:
         finally:
             if probe is not None:
                 probe.unit = prev
-
 
     def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
         """Selective via the modules' own fused recompute paths, switched on for this call only."""
