@@ -64,22 +64,86 @@ def test_fused_ops_keep_fewer_bytes():
     assert saved_bytes(rms_norm_swiglu) < 0.7 * saved_bytes(rms_norm_swiglu_reference)
 
 
-def test_selective_block_uses_fused_path_with_identical_gradients():
-    cfg = load_config("tiny", overrides=["model.n_layers=2"])
+def _graph_names(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _model_and_step(*overrides: str):
+    cfg = load_config("tiny", overrides=["model.n_layers=2", *overrides])
     torch.manual_seed(0)
     model = NeatLM(cfg)
-    fused = copy.deepcopy(model)
-    apply_checkpointing(fused, "selective")
     idx = torch.randint(0, 256, (2, 33))
 
     def step(m):
         logits, _ = m(idx[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
+    return model, step
+
+
+@pytest.mark.parametrize("overrides", [(), ("memory.enabled=true", "model.window=8", "memory.chunk_size=8")],
+                         ids=["attention", "memory"])
+def test_selective_block_uses_fused_path_with_identical_gradients(overrides):
+    model, step = _model_and_step(*overrides)
+    fused = copy.deepcopy(model)
+    apply_checkpointing(fused, "selective")
     step(model).backward()
-    step(fused).backward()
+    loss = step(fused)
+    assert {"_RMSNormSwiGLUBackward", "_RMSNormBackward"} <= _graph_names(loss)
+    loss.backward()
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
     assert not any(getattr(b, "recompute_pointwise") for b in fused.blocks)   # on only during a call
+    assert all("forward" not in b.mixer.__dict__ for b in fused.blocks)        # mixer patch undone
     none, sel = measure_activations(model, step, "none"), measure_activations(model, step, "selective")
     assert sel.total < 0.8 * none.total
+
+
+def test_selective_under_autocast_falls_back_to_torch_selective_checkpointing():
+    model, step = _model_and_step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        none, sel = measure_activations(model, step, "none"), measure_activations(model, step, "selective")
+        apply_checkpointing(model, "selective")
+        assert "_RMSNormSwiGLUBackward" not in _graph_names(step(model))
+    assert sel.total < 0.8 * none.total
+
+
+def test_fused_output_is_not_a_view_and_double_backward_raises():
+    x, nw, wgu, wd = _inputs(0)
+    out = rms_norm_swiglu(x, nw, wgu, wd, 1e-6)
+    out.mul_(2.0)          # in place on the output, as on the plain path
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("overrides", [
+    ("memory.enabled=true", "model.window=8", "memory.chunk_size=8", "memory.conv_size=4"),
+    ("memory.enabled=true", "model.window=8", "memory.chunk_size=8", "memory.combine=mal", "memory.heads=2",
+     "memory.optimizer=muon", "memory.objective=omega", "memory.features=poly"),
+    ("model.mixer=bk",),
+    ("model.mlp=moe",),
+], ids=["titans", "atlas-mal", "bk", "moe"])
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_every_component_gets_the_same_gradients_under_checkpointing(overrides, policy):
+    """Each kind of mixer and channel mixer, checkpointed, gives the gradients of no checkpointing.
+    (Torch's selective path replays ops on cached GEMM outputs: an in-place update of one in a
+    component's forward made the memory gates' gradients wrong before this test existed.)"""
+    model, step = _model_and_step(*overrides)
+    ckpt = copy.deepcopy(model)
+    apply_checkpointing(ckpt, policy)
+    step(model).backward()
+    step(ckpt).backward()
+    for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -9,10 +9,11 @@ Policies (per unit: a block, or any submodule such as one component inside a blo
                    ``recompute_pointwise`` attribute: a block whose MLP is SwiGLU, or a SwiGLU),
                    that path runs: one autograd function whose backward rebuilds norm, silu and
                    product from the kept gate_up output (:mod:`neatlm.ops.recompute`), no replay
-                   of the forward; the rest of such a unit (e.g. a memory mixer inside the
-                   block) keeps its activations. A unit without a fused path goes through
-                   torch's ``create_selective_checkpoint_contexts``: it keeps the outputs of mm,
-                   addmm, bmm, attention kernels and conv and replays the rest, running every op
+                   of the forward. What the fused path does not cover (a memory or BK mixer in
+                   the block, the module's ``unfused_parts()``), a unit without a fused path,
+                   and any unit under autocast go through torch's
+                   ``create_selective_checkpoint_contexts``: it keeps the outputs of mm, addmm,
+                   bmm, attention kernels and conv and replays the rest, running every op
                    through a Python dispatch mode, which on small CPU models costs ~20% step
                    time (the fused path: ~nothing).
 
@@ -147,7 +148,7 @@ class _Checkpointed:
                 return self._forward(*args, **kwargs)
             if self.policy == "full":
                 return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
-            if self.fused:
+            if self.fused and not _autocast_on():
                 return self._fused_forward(*args, **kwargs)
             return checkpoint(self._forward, *args, use_reentrant=False, context_fn=self._context_fn, **kwargs)
         finally:
@@ -155,14 +156,32 @@ class _Checkpointed:
                 probe.unit = prev
 
     def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Selective via the modules' own fused recompute paths, switched on for this call only."""
-        for m in self.fused:
-            m.recompute_pointwise = True
+        """Selective via the modules' own fused recompute paths, switched on for this call only;
+        the parts they name as not covered (``unfused_parts()``) go through torch's selective
+        checkpointing for the same call."""
+        flags = [m.recompute_pointwise for m in self.fused]
+        patched: list[tuple[nn.Module, Any]] = []
         try:
+            for m in self.fused:
+                m.recompute_pointwise = True
+                for part in getattr(m, "unfused_parts", list)():
+                    patched.append((part, part.__dict__.get("forward")))
+                    part.forward = functools.partial(checkpoint, part.forward, use_reentrant=False,
+                                                     context_fn=self._context_fn)
             return self._forward(*args, **kwargs)
         finally:
-            for m in self.fused:
-                m.recompute_pointwise = False
+            for m, flag in zip(self.fused, flags):
+                m.recompute_pointwise = flag
+            for part, before in reversed(patched):
+                if before is None:
+                    del part.forward
+                else:
+                    part.forward = before
+
+
+def _autocast_on() -> bool:
+    """Any autocast active: the fused paths are fp32/fp64 only, so selective falls back to torch's."""
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda", "mps"))
 
 
 def _fused_paths(module: nn.Module) -> list[nn.Module]:

@@ -36,7 +36,7 @@ def swiglu_hidden(dim: int, requested: int) -> int:
 
 def _fused_ok(x: Tensor) -> bool:
     """The fused recompute path is fp32/fp64 only: under autocast the plain path does the casting."""
-    return not torch.is_autocast_enabled(x.device.type)
+    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
 
 
 def _eps(norm: nn.RMSNorm, x: Tensor) -> float:
@@ -113,6 +113,11 @@ class Block(nn.Module):
             # the "selective" checkpoint policy sets this: the norms and norm2 + SwiGLU run as fused
             # ops that keep x, 1/rms and the gate_up output and recompute the pointwise ops in backward
             self.recompute_pointwise = False
+
+    def unfused_parts(self) -> list[nn.Module]:
+        """What the fused path does not cover: a memory or BK mixer (its activations dominate such
+        a block). The selective policy runs these through torch's selective checkpointing."""
+        return [] if isinstance(self.mixer, CausalSelfAttention) else [self.mixer]
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         if getattr(self, "recompute_pointwise", False) and _fused_ok(x):

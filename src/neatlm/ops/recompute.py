@@ -13,7 +13,9 @@ This is what the ``"selective"`` checkpoint policy does to a block (see
 saving but replays every op of the region under a Python dispatch mode, which costs far more
 at these sizes.
 
-The ``*_reference`` functions are the same computations in plain autograd; tests check that they
+Both are first-order only (``once_differentiable``: a double backward raises instead of
+silently treating the rebuilt intermediates as constants). The ``*_reference`` functions are the
+same computations in plain autograd; tests check that they
 agree and run a float64 gradcheck on the fused ones.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _rstd(x: Tensor, eps: float) -> Tensor:
@@ -44,6 +47,7 @@ class _RMSNorm(torch.autograd.Function):
         return n * weight if weight is not None else n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dn: Tensor):
         x, rstd, weight = ctx.saved_tensors
         dx, d_weight = _rms_norm_backward(dn, x * rstd, rstd, weight)
@@ -72,13 +76,15 @@ class _RMSNormSwiGLU(torch.autograd.Function):
             n = n * norm_weight
         gu = n @ w_gate_up.t()
         g, u = gu.chunk(2, dim=-1)
-        out = (F.silu(g) * u) @ w_down.t()
+        h = (F.silu(g) * u).view(*shape[:-1], g.shape[-1])
+        out = h @ w_down.t()   # made from a fresh (..., H) tensor: not a view, may be modified in place
         ctx.save_for_backward(x2, rstd, gu, norm_weight, w_gate_up, w_down)
         ctx.has_weight, ctx.has_norm = norm_weight is not None, rstd is not None
         ctx.shape = shape
-        return out.view(*shape[:-1], w_down.shape[0])
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x2, rstd, gu, norm_weight, w_gate_up, w_down = ctx.saved_tensors
         dout = grad_out.reshape(-1, grad_out.shape[-1])
