@@ -9,9 +9,10 @@ Policies (per unit: a block, or any submodule such as one component inside a blo
                    ``recompute_pointwise`` attribute: a block whose MLP is SwiGLU, or a SwiGLU),
                    that path runs: one autograd function whose backward rebuilds norm, silu and
                    product from the kept gate_up output (:mod:`neatlm.ops.recompute`), no replay
-                   of the forward. What the fused path does not cover (a memory or BK mixer in
-                   the block, the module's ``unfused_parts()``), a unit without a fused path,
-                   and any unit under autocast go through torch's
+                   of the forward. The rest of such a unit keeps its activations: wrapping a
+                   memory mixer in torch's selective checkpointing as well was measured worse
+                   than "full" on it (-45% at +31% step time against -96% at +23%). A unit
+                   without a fused path, and any unit under autocast, goes through torch's
                    ``create_selective_checkpoint_contexts``: it keeps the outputs of mm, addmm,
                    bmm, attention kernels and conv and replays the rest, running every op
                    through a Python dispatch mode, which on small CPU models costs ~20% step
@@ -156,27 +157,15 @@ class _Checkpointed:
                 probe.unit = prev
 
     def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Selective via the modules' own fused recompute paths, switched on for this call only;
-        the parts they name as not covered (``unfused_parts()``) go through torch's selective
-        checkpointing for the same call."""
+        """Selective via the modules' own fused recompute paths, switched on for this call only."""
         flags = [m.recompute_pointwise for m in self.fused]
-        patched: list[tuple[nn.Module, Any]] = []
         try:
             for m in self.fused:
                 m.recompute_pointwise = True
-                for part in getattr(m, "unfused_parts", list)():
-                    patched.append((part, part.__dict__.get("forward")))
-                    part.forward = functools.partial(checkpoint, part.forward, use_reentrant=False,
-                                                     context_fn=self._context_fn)
             return self._forward(*args, **kwargs)
         finally:
             for m, flag in zip(self.fused, flags):
                 m.recompute_pointwise = flag
-            for part, before in reversed(patched):
-                if before is None:
-                    del part.forward
-                else:
-                    part.forward = before
 
 
 def _autocast_on() -> bool:

@@ -114,11 +114,6 @@ class Block(nn.Module):
             # ops that keep x, 1/rms and the gate_up output and recompute the pointwise ops in backward
             self.recompute_pointwise = False
 
-    def unfused_parts(self) -> list[nn.Module]:
-        """What the fused path does not cover: a memory or BK mixer (its activations dominate such
-        a block). The selective policy runs these through torch's selective checkpointing."""
-        return [] if isinstance(self.mixer, CausalSelfAttention) else [self.mixer]
-
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         if getattr(self, "recompute_pointwise", False) and _fused_ok(x):
             y, state = self.mixer(rms_norm(x, self.norm1.weight, _eps(self.norm1, x)), state)
