@@ -130,7 +130,8 @@ class NeuralMemory(nn.Module):
         # Init: q and v channels are the identity (last tap 1); k channels start as a token shift,
         # the mean of this and the previous token (RWKV's token-shift init), so a key already
         # names the token before its value. From the identity, the outer loop has to discover the
-        # shift first: on MQAR that took > 600 steps at chance, against ~100 steps to 90% with it.
+        # shift first: on MQAR both presets stayed at chance for 400 steps, against ~100 steps to
+        # 90% with it (benchmarks/mqar.py).
         self.conv_size = conv_size
         self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_size, groups=3 * inner, bias=False) if conv_size else None
         if self.conv is not None:

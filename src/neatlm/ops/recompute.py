@@ -15,8 +15,8 @@ at these sizes.
 
 Both are first-order only (``once_differentiable``: a double backward raises instead of
 silently treating the rebuilt intermediates as constants). The ``*_reference`` functions are the
-same computations in plain autograd; tests check that they
-agree and run a float64 gradcheck on the fused ones.
+same computations in plain autograd; tests check that they agree and run a float64 gradcheck on
+the fused ones.
 """
 
 from __future__ import annotations
@@ -104,11 +104,7 @@ class _RMSNormSwiGLU(torch.autograd.Function):
         # gate_up projection, then RMSNorm
         d_w_gate_up = dgu.t() @ n
         dn = dgu @ w_gate_up
-        if ctx.has_norm:
-            dx, d_norm_weight = _rms_norm_backward(dn, xhat, rstd, norm_weight)
-        else:
-            dx = dn * norm_weight if ctx.has_weight else dn
-            d_norm_weight = (dn * xhat).sum(0) if ctx.has_weight else None
+        dx, d_norm_weight = _rms_norm_backward(dn, xhat, rstd, norm_weight) if ctx.has_norm else (dn, None)
         return dx.view(ctx.shape), d_norm_weight, d_w_gate_up, d_w_down, None
 
 
@@ -117,9 +113,12 @@ def rms_norm_swiglu(x: Tensor, norm_weight: Tensor | None, w_gate_up: Tensor, w_
     """down(silu(g) * u) with (g, u) = (rmsnorm(x) * norm_weight) @ w_gate_up^T split in halves.
 
     x: (..., D); norm_weight: (D,) or None (no scale); eps: the norm's epsilon, or None for no
-    RMSNorm at all (a bare SwiGLU); w_gate_up: (2H, D); w_down: (D_out, H). Keeps x, 1/rms and
-    the gate_up output for backward and recomputes the pointwise ops there.
+    RMSNorm at all (a bare SwiGLU, then norm_weight must be None); w_gate_up: (2H, D); w_down:
+    (D_out, H). Keeps x, 1/rms and the gate_up output for backward and recomputes the pointwise
+    ops there.
     """
+    if eps is None and norm_weight is not None:
+        raise ValueError("rms_norm_swiglu: norm_weight without a norm (eps=None)")
     return _RMSNormSwiGLU.apply(x, norm_weight, w_gate_up, w_down, eps)
 
 
@@ -127,7 +126,5 @@ def rms_norm_swiglu_reference(x: Tensor, norm_weight: Tensor | None, w_gate_up: 
                               eps: float | None) -> Tensor:
     """The same function in plain autograd (keeps every intermediate autograd needs)."""
     n = x if eps is None else rms_norm_reference(x, norm_weight, eps)
-    if eps is None and norm_weight is not None:
-        n = n * norm_weight
     g, u = (n @ w_gate_up.t()).chunk(2, dim=-1)
     return (F.silu(g) * u) @ w_down.t()
