@@ -103,7 +103,7 @@ def make_step_fn(args):
     idx = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)
 
     def step_fn(model):
-        logits, _ = model(idx[:, :-1])
+        logits, _, _, _ = model(idx[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), idx[:, 1:].reshape(-1))
 
     return step_fn

@@ -51,7 +51,7 @@ def bare_loop(trainer: Trainer, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         x, y = sampler.next()
-        logits, _ = model(x)
+        logits, _, _, _ = model(x)
         loss = lm_loss(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -58,3 +58,15 @@ def small_config(corpus: Path, run_dir: Path, **train) -> Config:
         setattr(t, k, v)
     validate(cfg)
     return cfg
+
+
+def naive_twin(mem):
+    """The same memory layer (same weights, dtype, settings) running the token-loop reference."""
+    from dataclasses import replace
+
+    from neatlm.nn.memory import NeuralMemory
+
+    p = next(mem.parameters())
+    twin = NeuralMemory(mem.dim, replace(mem.settings, mode="naive"), update_every=mem.update_every)
+    twin.to(dtype=p.dtype, device=p.device).load_state_dict(mem.state_dict())
+    return twin

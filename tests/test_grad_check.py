@@ -6,7 +6,7 @@ from conftest import small_config
 from neatlm.cli import main
 from neatlm.config import preset_names
 from neatlm.grad.check import check_gradients
-from neatlm.nn.model import NeatLM
+from neatlm.nn.model import ModelOutput, NeatLM
 from neatlm.train.trainer import Trainer
 
 
@@ -33,7 +33,7 @@ class Toy(nn.Module):
         h = torch.tanh(self.lin(_WrongBackward.apply(h) if self.wrong else h))
         if self.detached:  # a detach on a path the loss really depends on
             h = h + self.unused(h).detach()
-        return h @ self.embed.weight.T, None
+        return ModelOutput(h @ self.embed.weight.T, None, None, {})
 
 
 def test_checker_finds_wrong_and_missing_gradients():

@@ -16,7 +16,7 @@ DIM = 8
 def _mixer(combine, **kw):
     torch.manual_seed(0)
     cfg = MemoryConfig(enabled=True, combine=combine, heads=2, chunk_size=4, expansion=1.5, max_lr=0.5, **kw)
-    mixer = build_memory_mixer(DIM, cfg, CausalSelfAttention(DIM, 2, window=5)).double()
+    mixer = build_memory_mixer(DIM, cfg, CausalSelfAttention(DIM, 2, window=5), combine).double()
     with torch.no_grad():
         mixer.memory.to_lr.bias.fill_(1.0)
     return mixer

@@ -21,8 +21,8 @@ def test_causality(window):
     t = int(torch.randint(1, 47, ()))
     x2 = x.clone()
     x2[:, t] = (x2[:, t] + 1) % 256
-    a, _ = model(x)
-    b, _ = model(x2)
+    a, _, _, _ = model(x)
+    b, _, _, _ = model(x2)
     assert torch.equal(a[:, :t], b[:, :t])
     assert not torch.allclose(a[:, t:], b[:, t:])
 
@@ -31,17 +31,17 @@ def test_causality(window):
 def test_split_carry_equals_whole_run(window):
     model = tiny(window).double()
     x = torch.randint(0, 256, (2, 40))
-    whole, _ = model(x)
+    whole, _, _, _ = model(x)
     cuts = sorted(torch.randperm(39)[:3].add(1).tolist())
     outs, state, start = [], None, 0
     for end in cuts + [40]:
-        y, state = model(x[:, start:end], state)
+        y, state, _, _ = model(x[:, start:end], state)
         outs.append(y)
         start = end
     torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
     state, outs = None, []
     for i in range(40):  # decoding, one token at a time
-        y, state = model(x[:, i:i + 1], state)
+        y, state, _, _ = model(x[:, i:i + 1], state)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
 
@@ -59,7 +59,7 @@ def test_window_limits_attention():
 def test_every_parameter_gets_a_gradient_and_head_is_tied():
     model = tiny()
     x = torch.randint(0, 256, (2, 16))
-    logits, _ = model(x)
+    logits, _, _, _ = model(x)
     lm_loss(logits[:, :-1], x[:, 1:]).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -71,7 +71,7 @@ def test_overfits_one_batch():
     x = torch.randint(0, 256, (2, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
-        logits, _ = model(x[:, :-1])
+        logits, _, _, _ = model(x[:, :-1])
         loss = lm_loss(logits, x[:, 1:])
         opt.zero_grad()
         loss.backward()

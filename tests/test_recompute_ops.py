@@ -89,7 +89,7 @@ def _model_and_step(*overrides: str):
     idx = torch.randint(0, 256, (2, 33))
 
     def step(m):
-        logits, _ = m(idx[:, :-1])
+        logits, _, _, _ = m(idx[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
     return model, step

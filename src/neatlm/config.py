@@ -17,7 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import NeatError
+from .grad.components import ComponentSpec, parse_components
+from .grad.guard import GuardConfig
+from .nn.memory import MemorySettings
+from .settings import ConfigError, check_rules, check_settings, coerce, field_type, setting, type_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,13 +28,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(NeatError, ValueError):
-    """A user-facing configuration problem; the message is a single line."""
-
-
-def _f(default: Any, help: str = "", **rules: Any) -> Any:
-    """A dataclass field with a default, a one-line help and validation rules."""
-    return field(default=default, metadata={"help": help, **rules})
+_f = setting
 
 
 @dataclass
@@ -51,39 +48,15 @@ class ModelConfig:
 
 
 @dataclass
-class MemoryConfig:
+class MemoryConfig(MemorySettings):
+    """[memory]: the layer's own settings (:class:`neatlm.nn.memory.MemorySettings`) plus how the
+    model assembles it and when the trainer resets its state."""
+
     enabled: bool = _f(False, "add a test-time memory branch to every block")
     combine: str = _f("mag", "how memory joins attention: mag = SWA(x)*sigmoid(M(x)), mal = SWA(M(x)), "
                       "mac = per chunk SWA(x + read(x)) then learn from it", choices=("mag", "mal", "mac"))
-    heads: int = _f(1, "memory heads", min=1)
-    dim_head: int = _f(0, "width per memory head; 0 = dim // heads", min=0)
-    chunk_size: int = _f(64, "tokens per memory step: one linearisation point and one optimiser step per "
-                         "chunk of the absolute position grid (also the MAC segment)", min=1)
-    function: str = _f("mlp", "memory function", choices=("linear", "mlp"))
-    depth: int = _f(2, "layers of the MLP memory", min=2)
-    expansion: float = _f(2.0, "hidden width of the MLP memory / dim_head", min=0.25)
-    residual: bool = _f(True, "MLP memory computes k + branch(k)")
-    norm: bool = _f(False, "LayerNorm (no affine) on the MLP memory branch output")
-    objective: str = _f("titans", "inner objective: titans = one token, omega = window of omega_window tokens",
-                        choices=("titans", "omega"))
-    omega_window: int = _f(4, "Omega rule window c (tokens each token's inner objective covers)", min=1)
-    features: str = _f("identity", "key/query feature map", choices=("identity", "poly"))
-    poly_degree: int = _f(2, "degree of the polynomial feature map", min=2, max=4)
-    optimizer: str = _f("momentum", "inner optimiser", choices=("momentum", "muon"))
-    ns_steps: int = _f(5, "Newton-Schulz steps for the Muon inner optimiser", min=1)
-    max_lr: float = _f(0.1, "cap of the data-dependent per-token inner learning rate", min=0.0)
-    max_grad_norm: float = _f(1.0, "cap on each token's inner gradient norm (keeps the memory stable "
-                              "at init); 0 = off", min=0.0)
-    learn_init: bool = _f(True, "meta-learn the initial memory weights in the outer loop")
     reset: str = _f("sequence", "when memory returns to its initial state",
                     choices=("sequence", "batch", "never"))
-    conv_size: int = _f(0, "short causal depthwise conv over q, k, v (Titans uses 4); starts as the "
-                        "identity on q, v and as a token shift (mean of this and the previous token) on k; "
-                        "0 = off", min=0)
-    query_init_from_key: bool = _f(True, "initialise W_Q as a copy of W_K (then trained separately), so a "
-                                   "read with a stored key returns its value from the first step")
-    detach_output: bool = _f(False, "outer gradients reach the memory read only, not the fast-weight "
-                             "trajectory (k, v, gates, W0 get no outer gradient)")
 
 
 @dataclass
@@ -151,21 +124,6 @@ class TTLConfig:
 
 
 @dataclass
-class GuardConfig:
-    """The NaN/Inf guard of :mod:`neatlm.grad.guard` (validated on construction too)."""
-
-    max_failures: int = _f(3, "non-finite steps in a row of one component that stop training", min=1)
-    lr_factor: float = _f(0.5, "a component's learning-rate multiplier after each non-finite step",
-                          min=1e-9, max=1.0)
-    backup_every: int = _f(100, "keep a rollback copy of the parameters every N good steps; 0 = no rollback",
-                           min=0)
-    backup_device: str = _f("same", "where backups live", choices=("same", "cpu"))
-
-    def __post_init__(self) -> None:
-        check_section("guard", self)
-
-
-@dataclass
 class CheckpointingConfig:
     policy: str = _f("none", "activation checkpointing of every unit", choices=("none", "full", "selective"))
     memory_budget_mb: float = _f(0.0, "> 0: choose the cheapest policies whose measured saved activations "
@@ -205,32 +163,6 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "compon
 
 # ----------------------------------------------------------------------------- parsing
 
-def _type_name(tp: Any) -> str:
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
-
-
-def _field_type(section_obj: Any, name: str) -> type:
-    tp = {f.name: f.type for f in dataclasses.fields(section_obj)}[name]
-    return {"int": int, "float": float, "str": str, "bool": bool}.get(tp, tp) if isinstance(tp, str) else tp
-
-
-def _coerce(key: str, value: Any, tp: type) -> Any:
-    """Check a TOML value against the field type (ints are accepted for floats)."""
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
-
-
 def _parse_cli_value(key: str, text: str, tp: type) -> Any:
     """Parse the right-hand side of ``--set key=value`` into the field's type."""
     try:
@@ -247,7 +179,7 @@ def _parse_cli_value(key: str, text: str, tp: type) -> Any:
             return float(text)
         return text
     except ValueError:
-        raise ConfigError(f"{key} = {text!r}: expected {_type_name(tp)}") from None
+        raise ConfigError(f"{key} = {text!r}: expected {type_name(tp)}") from None
 
 
 def _known_keys(section: str) -> str:
@@ -284,7 +216,7 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Con
         for name, value in values.items():
             key = f"{section}.{name}"
             obj, name = _locate(cfg, key)
-            setattr(obj, name, _coerce(key, value, _field_type(obj, name)))
+            setattr(obj, name, coerce(key, value, field_type(obj, name)))
     return cfg
 
 
@@ -299,7 +231,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             _set_component(cfg, key, text)
             continue
         obj, name = _locate(cfg, key)
-        setattr(obj, name, _parse_cli_value(key, text, _field_type(obj, name)))
+        setattr(obj, name, _parse_cli_value(key, text, field_type(obj, name)))
     return cfg
 
 
@@ -347,35 +279,12 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_rules(key: str, value: Any, meta: dict[str, Any]) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} = {value!r}: must be a finite number")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key} = {value!r}: allowed values are {', '.join(map(repr, meta['choices']))}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{key} = {value!r}: must be >= {meta['min']}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{key} = {value!r}: must be <= {meta['max']}")
-
-
-def check_section(section: str, obj: Any) -> None:
-    for f in dataclasses.fields(obj):
-        key = f"{section}.{f.name}"
-        value = _coerce(key, getattr(obj, f.name), _field_type(obj, f.name))
-        _check_rules(key, value, f.metadata)
-
-
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` on the first invalid value (types, ranges, cross-field rules)."""
     for section in SECTIONS:
-        check_section(section, getattr(cfg, section))
+        check_settings(section, getattr(cfg, section))
     if cfg.components:
-        from .grad.components import parse_components
-
-        try:
-            parse_components(cfg.components)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        parse_components(cfg.components)
     m, t = cfg.model, cfg.train
     if m.dim % m.n_heads:
         raise ConfigError(f"model.n_heads = {m.n_heads}: must divide model.dim = {m.dim}")

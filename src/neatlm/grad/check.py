@@ -33,10 +33,9 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 def default_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     """Next-byte cross-entropy plus any auxiliary loss the model reports (e.g. MoE balance)."""
-    logits, _ = model(inputs)
-    loss = lm_loss(logits, targets)
-    aux = model.aux_loss() if hasattr(model, "aux_loss") else None
-    return loss if aux is None else loss + aux
+    out = model(inputs)
+    loss = lm_loss(out.logits, targets)
+    return loss if out.aux_loss is None else loss + out.aux_loss
 
 
 @dataclass

@@ -13,7 +13,7 @@ which makes a catch-all trunk easy to write::
     groups = assign_parameters(model, specs)   # every trainable parameter exactly once
 
 Every trainable parameter must belong to exactly one component: :func:`assign_parameters`
-raises a ``ValueError`` naming the orphans or the doubly claimed parameters.
+raises a :class:`~neatlm.settings.ConfigError` naming the orphans or the doubly claimed parameters.
 
 Weight decay applies to matrices only: never to norms, biases, embeddings or any parameter with
 fewer than two dimensions.
@@ -21,7 +21,6 @@ fewer than two dimensions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -30,59 +29,41 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..settings import ConfigError, check_settings, setting, setting_names
+
 OPTIMIZERS = ("adamw", "sgd", "muon")
 SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class ComponentSpec:
-    """How one component learns. Defaults give AdamW at 3e-3 with a cosine schedule."""
+    """How one component learns (a ``[components.<name>]`` table). Defaults give AdamW at 3e-3
+    with a cosine schedule. Checked on construction with the same rules as every other setting."""
 
     name: str
-    patterns: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    optimizer: str = "adamw"          # adamw | sgd | muon (Muon on 2-D weights, AdamW on the rest)
-    lr: float = 3e-3
-    schedule: str = "cosine"          # constant | cosine
-    warmup_steps: int = 0             # linear warmup from lr/warmup_steps to lr
-    min_lr_ratio: float = 0.1         # cosine ends at lr * min_lr_ratio
-    weight_decay: float = 0.0         # matrices only
-    clip: float = 0.0                 # max gradient norm of this component; 0 = off
-    importance: float = 1.0           # low importance is checkpointed first under a memory budget
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    momentum: float = 0.9             # SGD momentum; Muon uses muon_momentum
-    muon_momentum: float = 0.95
-    muon_adjust_lr: str = "match_rms_adamw"  # so one lr serves the Muon and AdamW halves
+    patterns: tuple[str, ...] = setting(("*",), "fnmatch patterns of parameter or module paths it claims")
+    exclude: tuple[str, ...] = setting((), "patterns removed again from what ``patterns`` claims")
+    optimizer: str = setting("adamw", "muon = Muon on 2-D weights, AdamW on the rest", choices=OPTIMIZERS)
+    lr: float = setting(3e-3, "peak learning rate", min=0.0)
+    schedule: str = setting("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup_steps: int = setting(0, "linear warmup from lr / warmup_steps to lr", min=0)
+    min_lr_ratio: float = setting(0.1, "cosine ends at lr * min_lr_ratio", min=0.0, max=1.0)
+    weight_decay: float = setting(0.0, "decoupled decay, matrices only", min=0.0)
+    clip: float = setting(0.0, "max gradient norm of this component; 0 = off", min=0.0)
+    importance: float = setting(1.0, "low importance is checkpointed first under a memory budget", min=0.0)
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas, each in [0, 1)", min=0.0, below=1.0)
+    eps: float = setting(1e-8, "AdamW epsilon", min=0.0)
+    momentum: float = setting(0.9, "SGD momentum (Muon uses muon_momentum)", min=0.0, max=1.0)
+    muon_momentum: float = setting(0.95, "Muon momentum", min=0.0, max=1.0)
+    muon_adjust_lr: str = setting("match_rms_adamw", "match_rms_adamw lets one lr serve the Muon and AdamW "
+                                  "halves", choices=("original", "match_rms_adamw"))
 
     def __post_init__(self) -> None:
-        self.patterns = tuple(self.patterns)
-        self.exclude = tuple(self.exclude)
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        self.validate()
-
-    def validate(self) -> None:
-        key = f"components.{self.name}"
-        if not self.name or not isinstance(self.name, str):
-            raise ValueError(f"components: name {self.name!r} must be a non-empty string")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"components: name {self.name!r} must be a non-empty string")
+        check_settings(f"components.{self.name}", self)
         if not self.patterns:
-            raise ValueError(f"{key}.patterns: at least one pattern is required")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{key}.optimizer = {self.optimizer!r}: allowed {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{key}.schedule = {self.schedule!r}: allowed {', '.join(SCHEDULES)}")
-        for attr, lo, hi in (("lr", 0.0, None), ("warmup_steps", 0, None), ("min_lr_ratio", 0.0, 1.0),
-                             ("weight_decay", 0.0, None), ("clip", 0.0, None), ("importance", 0.0, None),
-                             ("eps", 0.0, None), ("momentum", 0.0, 1.0), ("muon_momentum", 0.0, 1.0)):
-            v = getattr(self, attr)
-            if not math.isfinite(v) or v < lo or (hi is not None and v > hi):
-                allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ValueError(f"{key}.{attr} = {v!r}: must be {allowed}")
-        for b in self.betas:
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{key}.betas = {list(self.betas)!r}: each must be in [0, 1)")
-        if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
-            raise ValueError(f"{key}.muon_adjust_lr = {self.muon_adjust_lr!r}: allowed original, match_rms_adamw")
+            raise ConfigError(f"components.{self.name}.patterns: at least one pattern is required")
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step`` (0-based) of ``total_steps``."""
@@ -95,34 +76,6 @@ class ComponentSpec:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ComponentSpec)}
-
-
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple))
-        if ok and key.endswith(("patterns", "exclude")):
-            ok = all(isinstance(v, str) for v in value)
-        if ok and key.endswith("betas"):
-            ok = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    else:  # pragma: no cover - every field has one of the types above
-        ok = True
-    if not ok:
-        want = type(default).__name__ if not isinstance(default, tuple) else "a list"
-        raise ValueError(f"{key} = {value!r}: expected {want}")
-    return value
-
-
 def parse_components(table: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[ComponentSpec]:
     """Build specs from a plain dict such as a TOML ``[components.<name>]`` table.
 
@@ -130,25 +83,19 @@ def parse_components(table: Mapping[str, Any], defaults: Mapping[str, Any] | Non
     A string in ``patterns`` / ``exclude`` is accepted as a one-element list.
     """
     if not isinstance(table, Mapping):
-        raise ValueError(f"components: expected a table of named components, got {type(table).__name__}")
+        raise ConfigError(f"components: expected a table of named components, got {type(table).__name__}")
     specs = []
     for name, body in table.items():
         if not isinstance(body, Mapping):
-            raise ValueError(f"components.{name}: expected a table, got {body!r}")
+            raise ConfigError(f"components.{name}: expected a table, got {body!r}")
         merged = {**(defaults or {}), **body}
-        kwargs: dict[str, Any] = {}
-        for k, v in merged.items():
-            key = f"components.{name}.{k}"
-            if k == "name" or k not in _FIELDS:
-                allowed = ", ".join(f for f in _FIELDS if f != "name")
-                raise ValueError(f"{key}: unknown key; allowed {allowed}")
-            if k in ("patterns", "exclude") and isinstance(v, str):
-                v = [v]
-            default = _FIELDS[k].default
-            kwargs[k] = _check_type(key, v, default)
-        specs.append(ComponentSpec(name=str(name), **kwargs))
+        allowed = [k for k in setting_names(ComponentSpec) if k != "name"]
+        for k in merged:
+            if k not in allowed:
+                raise ConfigError(f"components.{name}.{k}: unknown key; allowed {', '.join(allowed)}")
+        specs.append(ComponentSpec(name=str(name), **merged))
     if not specs:
-        raise ValueError("components: at least one component is required")
+        raise ConfigError("components: at least one component is required")
     return specs
 
 
@@ -165,7 +112,7 @@ def train_defaults(train: Any) -> dict[str, Any]:
     return out
 
 
-def default_components(model: nn.Module | None = None, **overrides: Any) -> list[ComponentSpec]:
+def default_components(**overrides: Any) -> list[ComponentSpec]:
     """One component ``all`` claiming every parameter (AdamW unless overridden)."""
     return [ComponentSpec(name="all", patterns=("*",), **overrides)]
 
@@ -225,13 +172,13 @@ class ComponentParams:
 def assign_parameters(model: nn.Module, specs: list[ComponentSpec]) -> dict[str, ComponentParams]:
     """Map every trainable parameter of ``model`` to exactly one component (in spec order).
 
-    Raises ``ValueError`` listing orphans (claimed by no component) or double claims.
+    Raises :class:`ConfigError` listing orphans (claimed by no component) or double claims.
     Frozen parameters (``requires_grad=False``) are ignored.
     """
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"components: duplicate component names {dup}")
+        raise ConfigError(f"components: duplicate component names {dup}")
     no_decay = _no_decay_names(model)
     embeds = _embedding_names(model)
     groups = {s.name: ComponentParams(s) for s in specs}
@@ -252,14 +199,14 @@ def assign_parameters(model: nn.Module, specs: list[ComponentSpec]) -> dict[str,
             g.decay.append(p_name not in no_decay)
             g.matrix.append(p.ndim == 2 and p_name not in embeds)
     if orphans:
-        raise ValueError(f"components: {len(orphans)} trainable parameter(s) claimed by no component: "
+        raise ConfigError(f"components: {len(orphans)} trainable parameter(s) claimed by no component: "
                          f"{_list(orphans)}")
     if doubles:
-        raise ValueError(f"components: {len(doubles)} parameter(s) claimed by more than one component: "
+        raise ConfigError(f"components: {len(doubles)} parameter(s) claimed by more than one component: "
                          f"{_list(doubles)}")
     empty = [n for n, g in groups.items() if not g.params]
     if empty:
-        raise ValueError(f"components: {', '.join(empty)} matched no trainable parameter "
+        raise ConfigError(f"components: {', '.join(empty)} matched no trainable parameter "
                          f"(patterns {[list(groups[n].spec.patterns) for n in empty]})")
     return groups
 

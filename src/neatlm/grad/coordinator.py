@@ -80,7 +80,7 @@ class GradientCoordinator:
         self.total_steps = total_steps
         self.accum_steps = accum_steps
         self.guard_cfg = guard or GuardConfig()
-        specs = specs if specs is not None else default_components(model)
+        specs = specs if specs is not None else default_components()
         groups = assign_parameters(_unwrap(model), specs)
         self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg) for n, g in groups.items()}
         self.monitor = GradMonitor(monitor_every)

@@ -17,16 +17,33 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import GuardConfig
 from ..errors import TrainingDiverged
+from ..settings import check_settings, setting
 
 __all__ = ["ComponentGuard", "GuardConfig", "TrainingDiverged"]
 
 log = logging.getLogger("neatlm.grad")
+
+
+@dataclass
+class GuardConfig:
+    """[guard]: when a component's non-finite steps stop training, and how it recovers (checked on
+    construction, so a guard built in Python fails like one from TOML)."""
+
+    max_failures: int = setting(3, "non-finite steps in a row of one component that stop training", min=1)
+    lr_factor: float = setting(0.5, "a component's learning-rate multiplier after each non-finite step",
+                               min=1e-9, max=1.0)
+    backup_every: int = setting(100, "keep a rollback copy of the parameters every N good steps; "
+                                "0 = no rollback", min=0)
+    backup_device: str = setting("same", "where backups live", choices=("same", "cpu"))
+
+    def __post_init__(self) -> None:
+        check_settings("guard", self)
 
 
 class ComponentGuard:

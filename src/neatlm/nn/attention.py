@@ -58,7 +58,9 @@ class CausalSelfAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=init_std)
         nn.init.normal_(self.proj.weight, std=init_std * out_scale)  # residual branch: scaled by depth
 
-    def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
+    def forward(self, x: Tensor, state: AttentionState | None = None, ttl: object = None) -> tuple[Tensor, AttentionState]:
+        """x: (B, T, D) -> y: (B, T, D) and the KV state. ``ttl`` (the mixer protocol's test-time-learning
+        control) has nothing to act on here."""
         B, T, D = x.shape
         start = 0 if state is None else state.position
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)

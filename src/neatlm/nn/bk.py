@@ -101,8 +101,9 @@ class BKMixer(nn.Module):
         dt = torch.float32 if self.precision == "complex64" else torch.float64
         return torch.complex(self.energy.to(dt), (self.min_imag + F.softplus(self.gamma)).to(dt))
 
-    def forward(self, x: Tensor, state: BKState | None = None) -> tuple[Tensor, BKState | None]:
-        """x: (B, T, D) -> y: (B, T, D), state (causal) or None (non-causal)."""
+    def forward(self, x: Tensor, state: BKState | None = None, ttl: object = None) -> tuple[Tensor, BKState | None]:
+        """x: (B, T, D) -> y: (B, T, D), state (causal) or None (non-causal). ``ttl`` (the mixer
+        protocol's test-time-learning control) has nothing to act on here."""
         B, T, _ = x.shape
         v = (self.h0 + self.v_max * torch.tanh(self.to_potential(x))).transpose(1, 2)    # (B, H, T)
         b = (F.softplus(self.hop) * torch.sigmoid(self.to_hopping(x))).transpose(1, 2)   # (B, H, T)

@@ -5,6 +5,7 @@
     y2, state = mem(x2, state)        # continue the same sequences exactly (any split, even 1 token)
     state = state.detach()            # truncated backprop between calls
     state = mem.initial_state(B)      # new sequences start from the learned initial weights
+    y, state = mem(x, state, TTLControl(learn=False))   # read only (e.g. TTL warmup)
 
 Per head: q_t = normalize(W_Q x_t), k_t = normalize(W_K x_t), v_t = W_V x_t; keys and queries go
 through the feature map phi (identity or polynomial); the memory branch M_W is linear or a silu MLP
@@ -23,14 +24,15 @@ weights from the end of the last complete chunk; the chunk's step happens in the
 it. Hence any split of a sequence, down to one token per call, gives the same outputs as one call.
 
 Test-time learning does not depend on ``self.training`` nor on grad mode: it runs in eval() and
-under torch.no_grad() alike (then it simply builds no graph).
+under torch.no_grad() alike (then it simply builds no graph). What it does in a call (learn or only
+read, collect statistics) comes in with the call as a :class:`TTLControl`; the statistics come back
+in the returned state. Nothing is set on the module between calls.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +41,56 @@ from torch import nn
 from ..ops.features import poly_feature_dim, poly_features, poly_features_reference, poly_init_coeffs
 from ..ops.memory_scan import memory_forward, memory_scan, memory_scan_reference
 from ..ops.newton_schulz import newton_schulz
+from ..settings import ConfigError, check_settings, setting
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MemoryConfig
+
+@dataclass
+class MemorySettings:
+    """The memory layer's own settings (the ``[memory]`` table holds these plus how the model
+    assembles the layer). Checked on construction of the layer."""
+
+    heads: int = setting(1, "memory heads", min=1)
+    dim_head: int = setting(0, "width per memory head; 0 = dim // heads", min=0)
+    chunk_size: int = setting(64, "tokens per memory step: one linearisation point and one optimiser step per "
+                              "chunk of the absolute position grid (also the MAC segment)", min=1)
+    function: str = setting("mlp", "memory function", choices=("linear", "mlp"))
+    depth: int = setting(2, "layers of the MLP memory", min=2)
+    expansion: float = setting(2.0, "hidden width of the MLP memory / dim_head", min=0.25)
+    residual: bool = setting(True, "MLP memory computes k + branch(k)")
+    norm: bool = setting(False, "LayerNorm (no affine) on the MLP memory branch output")
+    objective: str = setting("titans", "inner objective: titans = one token, omega = window of omega_window "
+                             "tokens", choices=("titans", "omega"))
+    omega_window: int = setting(4, "Omega rule window c (tokens each token's inner objective covers)", min=1)
+    features: str = setting("identity", "key/query feature map", choices=("identity", "poly"))
+    poly_degree: int = setting(2, "degree of the polynomial feature map", min=2, max=4)
+    optimizer: str = setting("momentum", "inner optimiser", choices=("momentum", "muon"))
+    ns_steps: int = setting(5, "Newton-Schulz steps for the Muon inner optimiser", min=1)
+    max_lr: float = setting(0.1, "cap of the data-dependent per-token inner learning rate", min=0.0)
+    max_grad_norm: float = setting(1.0, "cap on each token's inner gradient norm (keeps the memory stable at "
+                                   "init); 0 = off", min=0.0)
+    learn_init: bool = setting(True, "meta-learn the initial memory weights in the outer loop")
+    conv_size: int = setting(0, "short causal depthwise conv over q, k, v (Titans uses 4); starts as the "
+                             "identity on q, v and as a token shift (mean of this and the previous token) on k; "
+                             "0 = off", min=0)
+    query_init_from_key: bool = setting(True, "initialise W_Q as a copy of W_K (then trained separately), so a "
+                                        "read with a stored key returns its value from the first step")
+    detach_output: bool = setting(False, "outer gradients reach the memory read only, not the fast-weight "
+                                  "trajectory (k, v, gates, W0 get no outer gradient)")
+    mode: str = setting("chunk", "chunk = the chunk-parallel fast path; naive = the token-loop reference "
+                        "(slow; for checking the fast path)", choices=("chunk", "naive"))
+
+
+@dataclass(frozen=True)
+class TTLControl:
+    """What test-time learning does in one call (the schedule a trainer varies from step to step).
+
+    learn: False reads with the current fast weights and takes no inner step (TTL warmup).
+    collect_stats: also return inner-loop statistics in the new state's ``stats`` (costs a few
+        extra memory forwards; a trainer asks on the steps it logs).
+    """
+
+    learn: bool = True
+    collect_stats: bool = False
 
 
 @dataclass
@@ -65,6 +114,9 @@ class MemoryState:
     buf_decay: torch.Tensor
     position: int = 0
     conv: torch.Tensor | None = None   # (B, K-1, 3 inner): last q|k|v projections for the causal conv
+    # statistics of the call that produced this state (TTLControl.collect_stats), not needed to
+    # continue: inner loss before/after, update size, gate means; detached scalars
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _map(self, fn) -> "MemoryState":
         out = {}
@@ -88,41 +140,39 @@ class MemoryState:
 class NeuralMemory(nn.Module):
     """Test-time memory layer: ``y, state = mem(x, state=None)`` with x, y of shape (B, T, dim)."""
 
-    def __init__(self, dim: int, heads: int = 1, dim_head: int | None = None, chunk_size: int = 64, *,
-                 function: str = "mlp", depth: int = 2, expansion: float = 2.0, residual: bool = True,
-                 norm: bool = False, objective: str = "titans", omega_window: int = 4,
-                 features: str = "identity", poly_degree: int = 2, optimizer: str = "momentum",
-                 ns_steps: int = 5, max_lr: float = 0.1, max_grad_norm: float = 0.0,
-                 learn_init: bool = True, detach_output: bool = False, conv_size: int = 0,
-                 query_init_from_key: bool = True) -> None:
+    def __init__(self, dim: int, settings: MemorySettings | None = None, *, update_every: int = 1,
+                 **overrides) -> None:
+        """``settings`` (default :class:`MemorySettings`) with any field overridden by keyword, e.g.
+        ``NeuralMemory(256, chunk_size=32)``. ``update_every``: the inner step runs on every n-th chunk
+        of the absolute grid only (the others are read, not learned from)."""
         super().__init__()
-        if function not in ("linear", "mlp"):
-            raise ValueError(f"function={function!r}: allowed 'linear', 'mlp'")
-        if objective not in ("titans", "omega"):
-            raise ValueError(f"objective={objective!r}: allowed 'titans', 'omega'")
-        if features not in ("identity", "poly"):
-            raise ValueError(f"features={features!r}: allowed 'identity', 'poly'")
-        if optimizer not in ("momentum", "muon"):
-            raise ValueError(f"optimizer={optimizer!r}: allowed 'momentum', 'muon'")
-        if function == "mlp" and depth < 2:
-            raise ValueError(f"depth={depth}: the MLP memory needs depth >= 2")
-        dim_head = dim_head or dim // heads
-        self.dim, self.heads, self.dim_head, self.chunk_size = dim, heads, dim_head, chunk_size
-        self.function, self.optimizer, self.ns_steps = function, optimizer, ns_steps
-        self.max_lr, self.max_grad_norm, self.detach_output = max_lr, max_grad_norm, detach_output
-        self.window = omega_window if objective == "omega" else 1
-        self.residual = residual and function == "mlp"
-        self.norm = norm and function == "mlp"
+        cfg = replace(settings or MemorySettings(), **overrides)
+        check_settings("memory", cfg)
+        if update_every < 1:
+            raise ConfigError(f"ttl.update_every = {update_every!r}: must be >= 1")
+        dim_head = cfg.dim_head or dim // cfg.heads
+        if not cfg.dim_head and dim % cfg.heads:
+            raise ConfigError(f"memory.heads = {cfg.heads}: must divide the model width {dim} (or set memory.dim_head)")
+        self.settings = cfg
+        heads, function, conv_size = cfg.heads, cfg.function, cfg.conv_size
+        self.dim, self.heads, self.dim_head, self.chunk_size = dim, heads, dim_head, cfg.chunk_size
+        self.function, self.optimizer, self.ns_steps = function, cfg.optimizer, cfg.ns_steps
+        self.max_lr, self.max_grad_norm, self.detach_output = cfg.max_lr, cfg.max_grad_norm, cfg.detach_output
+        self.window = cfg.omega_window if cfg.objective == "omega" else 1
+        self.residual = cfg.residual and function == "mlp"
+        self.norm = cfg.norm and function == "mlp"
+        self.naive = cfg.mode == "naive"
+        self.update_every = update_every
         inner = heads * dim_head
 
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        if query_init_from_key:
+        if cfg.query_init_from_key:
             # W_Q starts equal to W_K: reading with the key a value was stored under returns that
             # value from the first step. With independent random W_Q, W_K the outer loop must first
-            # align them, a saddle that costs thousands of steps on recall tasks (benchmarks/mqar.py).
+            # align them, a saddle on recall tasks (benchmarks/mqar.py measures it).
             with torch.no_grad():
                 self.to_q.weight.copy_(self.to_k.weight)
         # optional short causal depthwise conv over the q|k|v projections (Titans): lets a key
@@ -130,8 +180,7 @@ class NeuralMemory(nn.Module):
         # Init: q and v channels are the identity (last tap 1); k channels start as a token shift,
         # the mean of this and the previous token (RWKV's token-shift init), so a key already
         # names the token before its value. From the identity, the outer loop has to discover the
-        # shift first: on MQAR both presets stayed at chance for 400 steps, against ~100 steps to
-        # 90% with it (benchmarks/mqar.py).
+        # shift first, another saddle on recall tasks (benchmarks/mqar.py).
         self.conv_size = conv_size
         self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_size, groups=3 * inner, bias=False) if conv_size else None
         if self.conv is not None:
@@ -144,53 +193,36 @@ class NeuralMemory(nn.Module):
         self.to_lr = nn.Linear(dim, heads)
         self.to_mom = nn.Linear(dim, heads)
         self.to_decay = nn.Linear(dim, heads)
-        self.to_gamma = nn.Linear(dim, heads) if objective == "omega" else None
+        self.to_gamma = nn.Linear(dim, heads) if cfg.objective == "omega" else None
         for lin, bias in ((self.to_lr, 0.0), (self.to_mom, math.log(9.0)), (self.to_decay, -math.log(99.0)),
                           (self.to_gamma, 2.0)):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.constant_(lin.bias, bias)   # theta = max_lr / 2, eta = 0.9, alpha = 0.01
 
-        if features == "poly":
-            self.poly_coeffs = nn.Parameter(poly_init_coeffs(poly_degree))
-            dk = poly_feature_dim(dim_head, poly_degree)
+        if cfg.features == "poly":
+            self.poly_coeffs = nn.Parameter(poly_init_coeffs(cfg.poly_degree))
+            dk = poly_feature_dim(dim_head, cfg.poly_degree)
         else:
             self.poly_coeffs = None
             dk = dim_head
         self.dim_key = dk
-        self.use_reference = False   # tests: run the token-loop references of ops instead of the fast path
-        # test-time learning schedule, set by the model from [ttl] and by the trainer (warmup):
-        self.learning = True         # False: read only, the fast weights stay where they are
-        self.update_every = 1        # inner step on every n-th chunk of the absolute grid only
-        # TTL metrics: when collect_stats is set, forward leaves detached scalars in last_stats
-        self.collect_stats = False
-        self.last_stats: dict[str, torch.Tensor] = {}
         if function == "linear":
             shapes = [(dim_head, dk)]
         else:
-            hidden = max(1, int(round(expansion * dim_head)))
-            shapes = [(hidden, dk)] + [(hidden, hidden)] * (depth - 2) + [(dim_head, hidden)]
+            hidden = max(1, int(round(cfg.expansion * dim_head)))
+            shapes = [(hidden, dk)] + [(hidden, hidden)] * (cfg.depth - 2) + [(dim_head, hidden)]
         init = [torch.randn(heads, o, i) / math.sqrt(i) for o, i in shapes]
         if function == "linear":
             init = [torch.zeros(heads, o, i) for o, i in shapes]
         self.n_weights = len(shapes)
         for j, w in enumerate(init):
-            if learn_init:
+            if cfg.learn_init:
                 self.register_parameter(f"w0_{j}", nn.Parameter(w))
             else:
                 self.register_buffer(f"w0_{j}", w)
 
-    # ------------------------------------------------------------------ construction helpers
-
-    @classmethod
-    def from_config(cls, dim: int, cfg: "MemoryConfig") -> "NeuralMemory":
-        return cls(dim, heads=cfg.heads, dim_head=cfg.dim_head or dim // cfg.heads, chunk_size=cfg.chunk_size,
-                   function=cfg.function, depth=cfg.depth, expansion=cfg.expansion, residual=cfg.residual,
-                   norm=cfg.norm, objective=cfg.objective, omega_window=cfg.omega_window,
-                   features=cfg.features, poly_degree=cfg.poly_degree, optimizer=cfg.optimizer,
-                   ns_steps=cfg.ns_steps, max_lr=cfg.max_lr, max_grad_norm=cfg.max_grad_norm,
-                   learn_init=cfg.learn_init, detach_output=cfg.detach_output, conv_size=cfg.conv_size,
-                   query_init_from_key=cfg.query_init_from_key)
+    # ------------------------------------------------------------------ state
 
     def initial_weights(self) -> list[torch.Tensor]:
         """The learned (or fixed) initial fast weights W0, each (H, out, in)."""
@@ -213,8 +245,6 @@ class NeuralMemory(nn.Module):
                            conv=None if self.conv is None else
                            torch.zeros(batch, self.conv_size - 1, 3 * h * self.dim_head, device=device, dtype=dtype))
 
-    reset = initial_state
-
     # ------------------------------------------------------------------ forward
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +254,7 @@ class NeuralMemory(nn.Module):
     def _phi(self, t: torch.Tensor) -> torch.Tensor:
         if self.poly_coeffs is None:
             return t
-        fn = poly_features_reference if self.use_reference else poly_features
+        fn = poly_features_reference if self.naive else poly_features
         return fn(t, self.poly_coeffs.to(t.dtype))
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
@@ -242,15 +272,15 @@ class NeuralMemory(nn.Module):
         q, k, v = out.chunk(3, dim=-1)
         return q, k, v, full[:, full.shape[1] - (self.conv_size - 1):]
 
-    def _chunk_updates(self, first_chunk: int, n_chunks: int) -> list[bool] | None:
+    def _chunk_updates(self, first_chunk: int, n_chunks: int, learn: bool) -> list[bool] | None:
         """Which complete chunks take an inner step (None = all): warmup and update frequency.
 
         Chunk indices are absolute (chunk j holds positions [j b, (j+1) b)), so the pattern does
         not depend on how a sequence is split into calls.
         """
-        if self.learning and self.update_every == 1:
+        if learn and self.update_every == 1:
             return None
-        return [self.learning and (first_chunk + i) % self.update_every == 0 for i in range(n_chunks)]
+        return [learn and (first_chunk + i) % self.update_every == 0 for i in range(n_chunks)]
 
     @torch.no_grad()
     def _ttl_stats(self, state: MemoryState, w_new: list[torch.Tensor], s_new: list[torch.Tensor],
@@ -298,8 +328,10 @@ class NeuralMemory(nn.Module):
         y = memory_forward(weights, self._phi(q), self.norm)
         return self._merge(y + q if self.residual else y)
 
-    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
-        """x: (B, T, dim) -> y: (B, T, dim) and the state after these T tokens."""
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None,
+                ttl: TTLControl = TTLControl()) -> tuple[torch.Tensor, MemoryState]:
+        """x: (B, T, dim) -> y: (B, T, dim) and the state after these T tokens (with inner-loop
+        statistics in ``state.stats`` when ``ttl.collect_stats`` and a chunk completed)."""
         bsz, T, _ = x.shape
         if state is None:
             state = self.initial_state(bsz, x.device, x.dtype)
@@ -335,14 +367,15 @@ class NeuralMemory(nn.Module):
             upd = [None if u is None else (tuple(t.detach() for t in u) if isinstance(u, tuple) else u.detach())
                    for u in upd]
         w, s, k_all, v_all, lr_all, eta, keep, gamma_all = upd
-        scan = memory_scan_reference if self.use_reference else memory_scan
+        scan = memory_scan_reference if self.naive else memory_scan
         y, w_new, s_new = scan(list(w), list(s), qf, k_all, v_all, lr_all, eta, keep, gamma_all,
                                       chunk_size=b, window=self.window, norm=self.norm,
                                       optimizer=self.optimizer, ns_steps=self.ns_steps,
                                       max_grad_norm=self.max_grad_norm,
-                                      updates=self._chunk_updates(state.position // b, n_done // b))
-        if self.collect_stats and n_done:
-            self.last_stats = self._ttl_stats(state, w_new, s_new, k_all[..., e:e + n_done, :],
+                                      updates=self._chunk_updates(state.position // b, n_done // b, ttl.learn))
+        stats = {}
+        if ttl.collect_stats and n_done:
+            stats = self._ttl_stats(state, w_new, s_new, k_all[..., e:e + n_done, :],
                                               v_all[..., e:e + n_done, :], lr_all[..., :n_done], eta, keep,
                                               None if gamma_all is None else gamma_all[..., e:e + n_done])
         y = y[..., m:, :]
@@ -354,5 +387,5 @@ class NeuralMemory(nn.Module):
             buf_k=k_all[..., n_done:, :], buf_v=v_all[..., n_done:, :],
             buf_gamma=None if gamma_all is None else gamma_all[..., n_done:],
             buf_lr=lr_all[..., n_done:], buf_mom=mom_all[..., n_done:], buf_decay=decay_all[..., n_done:],
-            position=state.position + T, conv=conv_buf)
+            position=state.position + T, conv=conv_buf, stats=stats)
         return out, new_state

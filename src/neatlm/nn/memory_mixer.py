@@ -1,6 +1,6 @@
 """Test-time memory combined with (sliding-window) attention: MAG, MAL and MAC.
 
-Every combination follows the mixer protocol ``y, state = mixer(x, state)`` (x, y: (B, T, dim);
+Every combination follows the mixer protocol ``y, state = mixer(x, state, ttl)`` (x, y: (B, T, dim);
 state=None starts a sequence; the returned :class:`MemoryMixerState` continues it exactly, for any
 split of the sequence). ``attention`` is any module with the same protocol (normally
 :class:`neatlm.nn.attention.CausalSelfAttention` with a window).
@@ -23,15 +23,12 @@ split of the sequence). ``attention`` is any module with the same protocol (norm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .memory import MemoryState, NeuralMemory
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import MemoryConfig
+from .memory import MemorySettings, MemoryState, NeuralMemory, TTLControl
 
 
 @dataclass
@@ -60,19 +57,19 @@ class _MemoryMixer(nn.Module):
 class MemoryAsGate(_MemoryMixer):
     """MAG: y = SWA(x) * sigmoid(M(x))."""
 
-    def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None):
+    def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None, ttl: TTLControl = TTLControl()):
         sa, sm = self._split(state)
         a, sa = self.attention(x, sa)
-        m, sm = self.memory(x, sm)
+        m, sm = self.memory(x, sm, ttl)
         return a * torch.sigmoid(m), MemoryMixerState(sa, sm)
 
 
 class MemoryAsLayer(_MemoryMixer):
     """MAL: y = SWA(M(x))."""
 
-    def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None):
+    def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None, ttl: TTLControl = TTLControl()):
         sa, sm = self._split(state)
-        m, sm = self.memory(x, sm)
+        m, sm = self.memory(x, sm, ttl)
         a, sa = self.attention(m, sa)
         return a, MemoryMixerState(sa, sm)
 
@@ -80,29 +77,33 @@ class MemoryAsLayer(_MemoryMixer):
 class MemoryAsContext(_MemoryMixer):
     """MAC (simple form): per chunk-aligned segment, attend over x + read(x), then learn from it."""
 
-    def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None):
+    def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None, ttl: TTLControl = TTLControl()):
         sa, sm = self._split(state)
         if sm is None:
             sm = self.memory.initial_state(x.shape[0], x.device, x.dtype)
         b = self.memory.chunk_size
         outs = []
+        stats: dict[str, torch.Tensor] = {}
         i, T = 0, x.shape[1]
         while i < T:
             n = min(T - i, b - sm.position % b)
             seg = x[:, i:i + n]
             a, sa = self.attention(seg + self.memory.read(seg, sm), sa)
-            m, sm = self.memory(a, sm)
+            m, sm = self.memory(a, sm, ttl)
+            stats = sm.stats or stats   # the last segment that completed a chunk
             outs.append(a * torch.sigmoid(m))
             i += n
         y = torch.cat(outs, dim=1) if outs else x.new_zeros(x.shape)
+        sm.stats = stats
         return y, MemoryMixerState(sa, sm)
 
 
 COMBINATIONS = {"mag": MemoryAsGate, "mal": MemoryAsLayer, "mac": MemoryAsContext}
 
 
-def build_memory_mixer(dim: int, cfg: "MemoryConfig", attention: nn.Module) -> nn.Module:
-    """The memory/attention combination named by ``cfg.combine`` around a fresh NeuralMemory."""
-    if cfg.combine not in COMBINATIONS:
-        raise ValueError(f"memory.combine = {cfg.combine!r}: allowed {', '.join(COMBINATIONS)}")
-    return COMBINATIONS[cfg.combine](NeuralMemory.from_config(dim, cfg), attention)
+def build_memory_mixer(dim: int, settings: MemorySettings, attention: nn.Module, combine: str = "mag",
+                       update_every: int = 1) -> nn.Module:
+    """The memory/attention combination ``combine`` around a fresh NeuralMemory with ``settings``."""
+    if combine not in COMBINATIONS:
+        raise ValueError(f"memory.combine = {combine!r}: allowed {', '.join(COMBINATIONS)}")
+    return COMBINATIONS[combine](NeuralMemory(dim, settings, update_every=update_every), attention)

@@ -2,21 +2,27 @@
 
     embedding -> [Block] * n_layers -> RMSNorm -> tied head
 
-    Block(x, state):
-        y, state = mixer(norm1(x), state)     # attention | BK mixer, optionally with memory (MAG/MAL/MAC)
+    Block(x, state, ttl):
+        y, state = mixer(norm1(x), state, ttl)   # attention | BK mixer, optionally with memory (MAG/MAL/MAC)
         x = x + y
-        x = x + channel_mixer(norm2(x))       # SwiGLU | sparse MoE
+        y, aux = channel_mixer(norm2(x))         # SwiGLU | sparse MoE (aux: its auxiliary loss or None)
+        x = x + y
 
 The block never changes when a component is added: :func:`build_mixer` and
 :func:`build_channel_mixer` pick the parts from config. Every mixer follows one protocol,
-``y, state = mixer(x, state)``, so the whole model carries state exactly:
-``model(idx[:, :a])`` then ``model(idx[:, a:], state)`` equals ``model(idx)``.
+``y, state = mixer(x, state, ttl)``, so the whole model carries state exactly:
+``model(idx[:, :a])`` then ``model(idx[:, a:], out.state)`` equals ``model(idx)``.
+
+Everything a call needs comes in as an argument (tokens, carried state, the test-time-learning
+control) and everything it produces comes back in :class:`ModelOutput` (logits, new state,
+auxiliary loss to add to the objective, statistics to log). Nothing is set on a module before a
+call or read from it afterwards.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +31,27 @@ from torch import Tensor, nn
 from ..config import Config
 from ..ops.recompute import rms_norm, rms_norm_swiglu
 from .attention import CausalSelfAttention
+from .memory import TTLControl
+from .memory_mixer import MemoryMixerState
 
 ModelState = list  # one mixer state per block
+
+
+class ModelOutput(NamedTuple):
+    """What one call of :class:`NeatLM` returns.
+
+    logits: (B, T, vocab).
+    state: one mixer state per block; pass it back to continue the sequences exactly.
+    aux_loss: the sum of the components' auxiliary losses (MoE load balance), in the graph and
+        already weighted: add it to the training objective. None when no component has one.
+    stats: detached scalars for the metrics stream, e.g. ``ttl/layer0/inner_loss_after``
+        (filled when the call asked for test-time-learning statistics).
+    """
+
+    logits: Tensor
+    state: ModelState
+    aux_loss: Tensor | None
+    stats: dict[str, Tensor]
 
 
 def swiglu_hidden(dim: int, requested: int) -> int:
@@ -44,8 +69,9 @@ def _eps(norm: nn.RMSNorm, x: Tensor) -> float:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate) * up). ``recompute_pointwise`` (set by the "selective" checkpoint policy)
-    switches to :func:`neatlm.ops.recompute.rms_norm_swiglu`, which keeps half the activations."""
+    """``y, aux = mlp(x)``: down(silu(gate) * up), no auxiliary loss (None). ``recompute_pointwise``
+    (set by the "selective" checkpoint policy) switches to
+    :func:`neatlm.ops.recompute.rms_norm_swiglu`, which keeps half the activations."""
 
     def __init__(self, dim: int, hidden: int, init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
@@ -55,11 +81,11 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.down.weight, std=init_std * out_scale)
         self.recompute_pointwise = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
         if self.recompute_pointwise and _fused_ok(x):
-            return rms_norm_swiglu(x, None, self.gate_up.weight, self.down.weight, None)
+            return rms_norm_swiglu(x, None, self.gate_up.weight, self.down.weight, None), None
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate) * up), None
 
 
 def residual_scale(cfg: Config) -> float:
@@ -68,7 +94,7 @@ def residual_scale(cfg: Config) -> float:
 
 
 def build_mixer(cfg: Config) -> nn.Module:
-    """The sequence mixer of one block, following the ``y, state = mixer(x, state)`` protocol.
+    """The sequence mixer of one block, following the ``y, state = mixer(x, state, ttl)`` protocol.
 
     Each component initialises its own parameters (memory gates, BK potentials need their own
     schemes); nothing re-initialises them afterwards.
@@ -86,11 +112,12 @@ def build_mixer(cfg: Config) -> nn.Module:
     if cfg.memory.enabled:
         from .memory_mixer import build_memory_mixer
 
-        mixer = build_memory_mixer(m.dim, cfg.memory, mixer)
+        mixer = build_memory_mixer(m.dim, cfg.memory, mixer, cfg.memory.combine, cfg.ttl.update_every)
     return mixer
 
 
 def build_channel_mixer(cfg: Config) -> nn.Module:
+    """The channel mixer of one block: ``y, aux_loss = mlp(x)``."""
     m = cfg.model
     hidden = swiglu_hidden(m.dim, m.mlp_hidden)
     if m.mlp == "swiglu":
@@ -114,20 +141,22 @@ class Block(nn.Module):
             # ops that keep x, 1/rms and the gate_up output and recompute the pointwise ops in backward
             self.recompute_pointwise = False
 
-    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+    def forward(self, x: Tensor, state: Any = None, ttl: TTLControl = TTLControl()) -> tuple[Tensor, Any, Tensor | None]:
+        """(x, state, aux_loss) after this block."""
         if getattr(self, "recompute_pointwise", False) and _fused_ok(x):
-            y, state = self.mixer(rms_norm(x, self.norm1.weight, _eps(self.norm1, x)), state)
+            y, state = self.mixer(rms_norm(x, self.norm1.weight, _eps(self.norm1, x)), state, ttl)
             x = x + y
             w_gu, w_down = self.mlp.gate_up.weight, self.mlp.down.weight
-            return x + rms_norm_swiglu(x, self.norm2.weight, w_gu, w_down, _eps(self.norm2, x)), state
-        y, state = self.mixer(self.norm1(x), state)
+            return x + rms_norm_swiglu(x, self.norm2.weight, w_gu, w_down, _eps(self.norm2, x)), state, None
+        y, state = self.mixer(self.norm1(x), state, ttl)
         x = x + y
-        x = x + self.mlp(self.norm2(x))
-        return x, state
+        y, aux = self.mlp(self.norm2(x))
+        return x + y, state, aux
 
 
 class NeatLM(nn.Module):
-    """``logits, state = model(idx, state=None)`` for byte ids ``idx`` of shape (batch, time)."""
+    """``out = model(idx, state=None, ttl=TTLControl())`` for byte ids ``idx`` of shape (batch, time);
+    ``out`` is a :class:`ModelOutput` (logits, state, aux_loss, stats)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -137,29 +166,23 @@ class NeatLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(m.n_layers))
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         nn.init.normal_(self.embed.weight, std=m.init_std)  # also the tied output head
-        for mem in self.memory_layers():
-            mem.update_every = cfg.ttl.update_every
 
-    def memory_layers(self) -> list[nn.Module]:
-        """The test-time memory modules, in block order (empty without memory)."""
-        from .memory import NeuralMemory
-
-        return [m for m in self.modules() if isinstance(m, NeuralMemory)]
-
-    def forward(self, idx: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
-        x = self.embed(idx)
+    def forward(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl()) -> ModelOutput:
+        x = self.embed(idx)                                   # (B, T, dim)
         states = state if state is not None else [None] * len(self.blocks)
         new_states: ModelState = []
-        for block, s in zip(self.blocks, states):
-            x, s = block(x, s)
+        aux_terms: list[Tensor] = []
+        stats: dict[str, Tensor] = {}
+        for i, (block, s) in enumerate(zip(self.blocks, states)):
+            x, s, aux = block(x, s, ttl)
             new_states.append(s)
-        logits = F.linear(self.norm(x), self.embed.weight)  # tied head
-        return logits, new_states
-
-    def aux_loss(self) -> Tensor | None:
-        """Sum of auxiliary losses components left from the last forward (e.g. MoE load balance)."""
-        terms = [m.aux_loss for m in self.modules() if m is not self and isinstance(getattr(m, "aux_loss", None), Tensor)]
-        return torch.stack(terms).sum() if terms else None
+            if aux is not None:
+                aux_terms.append(aux)
+            if isinstance(s, MemoryMixerState):
+                stats.update({f"ttl/layer{i}/{k}": v for k, v in s.memory.stats.items()})
+        logits = F.linear(self.norm(x), self.embed.weight)  # (B, T, vocab), tied head
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        return ModelOutput(logits, new_states, aux_loss, stats)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -187,7 +210,7 @@ def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1
     """
     was_training = model.training
     model.eval()
-    logits, state = model(prompt[None])
+    logits, state, _, _ = model(prompt[None])
     out = []
     for _ in range(max_new):
         last = logits[0, -1].float()
@@ -200,6 +223,6 @@ def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1
                 last = last.masked_fill(last < kth, float("-inf"))
             nxt = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)[0]
         out.append(nxt)
-        logits, state = model(nxt.view(1, 1), state)
+        logits, state, _, _ = model(nxt.view(1, 1), state)
     model.train(was_training)
     return torch.stack(out) if out else prompt.new_empty(0)

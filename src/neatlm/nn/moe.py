@@ -1,21 +1,28 @@
 """MoE: a sparse top-k mixture of SwiGLU experts, usable as the channel mixer of a block.
 
-``y = MoE(dim, hidden, experts, top_k)(x)`` with ``x``, ``y`` of shape (B, T, D). Each token runs
-through its ``top_k`` experts only (tokens sorted by expert once, one matmul chain per expert on a
-contiguous slice; see :mod:`neatlm.ops.moe_dispatch`). After every forward, ``self.aux_loss`` holds
-``aux_loss_weight * balance_loss`` (a scalar in the graph, ready to add to the training loss) and
-``self.balance_loss`` the unweighted Switch load-balancing loss (1.0 when perfectly balanced).
+``y, aux_loss = MoE(dim, hidden, experts, top_k)(x)`` with ``x``, ``y`` of shape (B, T, D). Each
+token runs through its ``top_k`` experts only (tokens sorted by expert once, one matmul chain per
+expert on a contiguous slice; see :mod:`neatlm.ops.moe_dispatch`). ``aux_loss`` is
+``aux_loss_weight * balance_loss`` (a scalar in the graph, ready to add to the training loss), where
+``balance_loss`` is the unweighted Switch load-balancing loss (1.0 when perfectly balanced);
+:meth:`MoE.run` returns both and the number of assignments the capacity dropped.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.moe_dispatch import (capacity_for, experts_swiglu, load_balance_loss, make_dispatch,
                                 moe_dense_reference, route_topk)
+
+
+class MoEOutput(NamedTuple):
+    y: Tensor               # (B, T, D)
+    balance_loss: Tensor    # unweighted load-balancing loss, in the graph
+    dropped: int            # assignments dropped by the capacity
 
 
 class MoE(nn.Module):
@@ -29,7 +36,7 @@ class MoE(nn.Module):
         capacity_factor: 0 = no cap; otherwise each expert takes at most
             ``ceil(capacity_factor * N top_k / E)`` assignments per forward, in token order, and
             the dropped ones contribute zero.
-        aux_loss_weight: scale of the load-balancing loss stored in ``self.aux_loss``.
+        aux_loss_weight: scale of the load-balancing loss returned as ``aux_loss``.
         init_std: std of the normal init of router and experts; ``w_down`` gets ``init_std * out_scale``.
     """
 
@@ -45,9 +52,6 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(experts, dim, hidden))
         self.w_up = nn.Parameter(torch.empty(experts, dim, hidden))
         self.w_down = nn.Parameter(torch.empty(experts, hidden, dim))
-        self.aux_loss: Tensor | None = None
-        self.balance_loss: Tensor | None = None
-        self.last_dropped = 0                       # assignments dropped by the capacity in the last forward
         self.reset_parameters()
 
     @classmethod
@@ -62,7 +66,12 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_up, std=self.init_std)
         nn.init.normal_(self.w_down, std=self.init_std * self.out_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, aux_loss): the channel-mixer protocol of a block."""
+        out = self.run(x)
+        return out.y, self.aux_loss_weight * out.balance_loss
+
+    def run(self, x: Tensor) -> MoEOutput:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         probs, experts, gates = route_topk(self.router(flat), self.top_k)
@@ -70,10 +79,8 @@ class MoE(nn.Module):
         dispatch = make_dispatch(experts, self.experts, cap)
         sorted_gates = gates.reshape(-1)[dispatch.assignment]
         y = experts_swiglu(flat, sorted_gates, dispatch, self.w_gate, self.w_up, self.w_down)
-        self.balance_loss = load_balance_loss(probs, dispatch.load)
-        self.aux_loss = self.aux_loss_weight * self.balance_loss
-        self.last_dropped = flat.shape[0] * self.top_k - dispatch.token.numel()
-        return y.reshape(B, T, D)
+        dropped = flat.shape[0] * self.top_k - dispatch.token.numel()
+        return MoEOutput(y.reshape(B, T, D), load_balance_loss(probs, dispatch.load), dropped)
 
     def dense_reference(self, x: Tensor) -> Tensor:
         """Every expert on every token, unselected ones masked: equals :meth:`forward` (for tests)."""

@@ -32,7 +32,7 @@ def evaluate(model: NeatLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
         state = None
         for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
             with autocast or nullcontext():
-                logits, state = model(xs, state)
+                logits, state, _, _ = model(xs, state)
             state = detach_state(state)
             scored = ys != IGNORE
             if scored.any():

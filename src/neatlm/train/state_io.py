@@ -58,6 +58,9 @@ def flatten_state(obj: Any, tensors: dict[str, Tensor] | None = None, prefix: st
         fields = {f.name: flatten_state(getattr(obj, f.name), tensors, f"{prefix}.{f.name}")[0]
                   for f in dataclasses.fields(obj) if f.init}
         return {"dataclass": _class_path(type(obj)), "fields": fields}, tensors
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        items = {k: flatten_state(v, tensors, f"{prefix}.{k}")[0] for k, v in obj.items()}
+        return {"dict": items}, tensors
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return {"value": obj}, tensors
     raise TypeError(f"cannot save state of type {type(obj).__name__}")
@@ -70,6 +73,8 @@ def unflatten_state(structure: Any, tensors: dict[str, Tensor], device: torch.de
         return [unflatten_state(s, tensors, device) for s in structure["list"]]
     if "tuple" in structure:
         return tuple(unflatten_state(s, tensors, device) for s in structure["tuple"])
+    if "dict" in structure:
+        return {k: unflatten_state(s, tensors, device) for k, s in structure["dict"].items()}
     if "dataclass" in structure:
         module, _, qualname = structure["dataclass"].partition(":")
         cls: Any = importlib.import_module(module)

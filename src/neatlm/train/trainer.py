@@ -31,6 +31,7 @@ from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, comp
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
 from ..hardware import detect
+from ..nn.memory import TTLControl
 from ..nn.model import NeatLM, lm_loss
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
@@ -72,7 +73,6 @@ class Trainer:
         # during TTL warmup the memory gates get no gradient: DDP must be told some may be unused
         self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None,
                              find_unused_parameters=cfg.ttl.warmup_steps > 0) if self.dist.enabled else self.model
-        self.memories = self.model.memory_layers()
         try:
             # one backward per segment of every micro-batch; objectives are scaled to match
             self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps,
@@ -151,16 +151,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, last_window: bool) -> tuple[torch.Tensor, int]:
+    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, last_window: bool,
+                         ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """Forward and backward one micro-batch window as consecutive segments.
 
         Memory state is carried between segments and detached (truncated backprop), so the graph
-        never spans more than one segment. Returns (summed loss, scored tokens).
+        never spans more than one segment. Returns (summed loss, scored tokens, the model's
+        statistics from the last segment).
         """
         t, reset = self.cfg.train, self.cfg.memory.reset
         scored = int((y != IGNORE).sum())
         state = self.carry if reset == "never" else None
         total = torch.zeros((), device=x.device)
+        stats: dict[str, torch.Tensor] = {}
         for i, (xs, ys) in enumerate(zip(x.chunk(t.segments, dim=1), y.chunk(t.segments, dim=1))):
             if reset == "batch":
                 state = None
@@ -169,19 +172,19 @@ class Trainer:
             sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
             with sync:
                 with self.hw.autocast():
-                    logits, state = self.ddp_model(xs, state)
-                    loss_sum = lm_loss(logits, ys, reduction="sum")
+                    out = self.ddp_model(xs, state, ttl)
+                    loss_sum = lm_loss(out.logits, ys, reduction="sum")
                     # the coordinator divides by accum_steps * segments: this sums to the window mean
                     objective = loss_sum * t.segments / max(scored, 1)
-                    aux = self.model.aux_loss()
-                    if aux is not None:
-                        objective = objective + aux
+                    if out.aux_loss is not None:
+                        objective = objective + out.aux_loss
                 self.coord.backward(objective)
-            state = detach_state(state)
+            state = detach_state(out.state)
+            stats = out.stats or stats
             total += loss_sum.detach()
         if reset == "never":
             self.carry = state
-        return total, scored
+        return total, scored, stats
 
     def train_step(self, log: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step over ``accum_steps`` micro-batches.
@@ -191,21 +194,19 @@ class Trainer:
         """
         t, dev = self.cfg.train, self.hw.device
         total, scored = torch.zeros((), device=dev), 0
-        for mem in self.memories:
-            mem.learning = self.step >= self.cfg.ttl.warmup_steps  # warmup: read W0, learn nothing
-            mem.collect_stats = log
+        # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
+        ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
+        model_stats: dict[str, torch.Tensor] = {}
         for micro in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
-            loss_sum, n = self._backward_window(x, y, last_window=micro == t.accum_steps - 1)
+            loss_sum, n, window_stats = self._backward_window(x, y, micro == t.accum_steps - 1, ttl)
             total += loss_sum
             scored += n
+            model_stats = window_stats or model_stats
         stats = self.coord.step(log=log)
         self.coord.zero_grad()
-        for i, mem in enumerate(self.memories):
-            if log:  # from the last segment's forward of this step
-                stats.update({f"ttl/layer{i}/{k}": v.item() for k, v in mem.last_stats.items()})
-            mem.learning, mem.collect_stats, mem.last_stats = True, False, {}  # evaluation always learns
+        stats.update({k: v.item() for k, v in model_stats.items()})  # from the last segment's forward
         self.step += 1
         return all_reduce_mean(total / max(scored, 1), self.dist), stats
 
