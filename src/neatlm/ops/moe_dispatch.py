@@ -86,24 +86,19 @@ def _swiglu(xs: Tensor, wg: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
     return (F.silu(xs @ wg.to(dt)) * (xs @ wu.to(dt))) @ wd.to(dt)
 
 
-def _experts_forward(x: Tensor, gates: Tensor, token: Tensor, counts: list[int], w_gate: Tensor,
-                     w_up: Tensor, w_down: Tensor) -> Tensor:
-    xs = x[token]                                              # gather once, in expert order
+def experts_swiglu(x: Tensor, gates: Tensor, dispatch: Dispatch, w_gate: Tensor, w_up: Tensor,
+                   w_down: Tensor) -> Tensor:
+    """Sparse experts, plain autograd. x (N, D), gates (M,) in sorted order -> (N, D)."""
+    xs = x[dispatch.token]                                     # gather once, in expert order
     parts = []
     start = 0
-    for e, cnt in enumerate(counts):
+    for e, cnt in enumerate(dispatch.counts):
         if cnt:
             parts.append(_swiglu(xs[start:start + cnt], w_gate[e], w_up[e], w_down[e]))
         start += cnt
     ys = torch.cat(parts) if parts else xs.new_zeros(0, x.shape[-1])
     ys = ys * gates.to(x.dtype)[:, None]
-    return x.new_zeros(x.shape).index_add(0, token, ys)       # scatter back with the same permutation
-
-
-def experts_swiglu(x: Tensor, gates: Tensor, dispatch: Dispatch, w_gate: Tensor, w_up: Tensor,
-                   w_down: Tensor) -> Tensor:
-    """Sparse experts, plain autograd. x (N, D), gates (M,) in sorted order -> (N, D)."""
-    return _experts_forward(x, gates, dispatch.token, dispatch.counts, w_gate, w_up, w_down)
+    return x.new_zeros(x.shape).index_add(0, dispatch.token, ys)   # scatter back with the same permutation
 
 
 def moe_dense_reference(x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
