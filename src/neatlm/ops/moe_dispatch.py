@@ -3,7 +3,7 @@
 Shapes: ``N`` tokens (flattened batch x time), ``D`` model width, ``E`` experts, ``H`` expert
 hidden width, ``k`` experts per token, ``M <= N k`` kept (token, expert) assignments.
 
-Routing (shared/notes/algorithms.md section 5): ``h = x W_r``; ``S = topk(h, k)``; the gates are
+Routing (``docs/moe.md``): ``h = x W_r``; ``S = topk(h, k)``; the gates are
 ``softmax(h_S)`` for ``k >= 2`` (renormalised over the chosen experts) and, for ``k = 1``, the
 full-softmax probability of the chosen expert (Switch Transformer; ``softmax(h_S)`` would be the
 constant 1 and the router would learn from the auxiliary loss only).
@@ -14,16 +14,12 @@ assignment contributes zero; the block's residual carries the token). Each exper
 ``(silu(x W_g) * (x W_u)) W_d`` on its contiguous slice of the sorted tokens. The same
 permutation scatters the results back (forward) and gathers the output gradient (backward).
 
-The expert computation ``experts_swiglu`` is plain autograd over the sparse dispatch (it saves the
-hidden activations). ``moe_dense_reference`` runs every expert on every token and masks the
-unselected ones: a check for tests and the dense baseline of the benchmark.
-
-A hand-written backward that saved only ``x``, the permutation and the gates and recomputed the
-expert activations was measured (``benchmarks/moe.py``, CPU, 2048 tokens, D = 128): it saved 13-24x
-activation memory but was 1.2-1.5x slower than autograd (forward + backward), and stock
-``torch.utils.checkpoint`` around the autograd path gave the same memory saving at about the same
-time. It was removed: the layer uses autograd over the sparse dispatch, and memory savings come from
-the activation-checkpointing policies in :mod:`neatlm.grad.checkpointing`.
+The expert computation ``experts_swiglu`` is plain autograd over the sparse dispatch: it saves
+the hidden activations, so its backward recomputes nothing. Trading that memory for a second pass
+of the expert matmuls is the job of the activation-checkpointing policies in
+:mod:`neatlm.grad.checkpointing`, which apply to every layer alike. ``moe_dense_reference`` runs
+every expert on every token and masks the unselected ones: a check for tests and the dense
+baseline of the benchmark.
 """
 
 from __future__ import annotations
