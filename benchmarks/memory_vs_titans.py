@@ -73,10 +73,10 @@ def matmul_rate(threads: int) -> float:
 # ----------------------------------------------------------------------------- the implementations
 
 def _func_inner_grads(weights, x, n_k, v, coef, norm, max_grad_norm):
-    """Drop-in for neatlm.ops.memory_scan._inner_grads using torch.func per-token gradients."""
+    """Drop-in for neatlm.ops.memory.chunk.inner_grads using torch.func per-token gradients."""
     from torch.func import grad, vmap
 
-    from neatlm.ops.memory_scan import memory_forward
+    from neatlm.ops.memory import memory_forward
     y = memory_forward(weights, x[..., n_k:, :], norm)
     lead = weights[0].shape[:-2]
     ws = [w.reshape(-1, *w.shape[-2:]) for w in weights]
@@ -112,12 +112,16 @@ def build(impl: str):
                            default_step_transform_max_lr=MAX_LR, max_grad_norm=MAX_GRAD_NORM,
                            default_model_kwargs=dict(depth=DEPTH, expansion_factor=EXPANSION))
         return lambda x: mem(x)[0], mem
+    import functools
+
+    import neatlm.nn.memory as nm
+    import neatlm.ops.memory.chunk as chunk
     from neatlm.nn.memory import NeuralMemory
-    import neatlm.ops.memory_scan as ms
     if impl in ("neatlm-autograd", "neatlm-func"):
-        ms.FUSED = False                      # unfused chunk step: autograd does the outer backward
+        # the layer's scan with fused=False: autograd does the outer backward
+        nm.memory_scan = functools.partial(chunk.memory_scan, fused=False)
     if impl == "neatlm-func":
-        ms._inner_grads = _func_inner_grads
+        chunk.inner_grads = _func_inner_grads
     mem = NeuralMemory(DIM, heads=HEADS, dim_head=DIM // HEADS, chunk_size=CHUNK, depth=DEPTH, expansion=EXPANSION,
                        norm=True, residual=True, max_lr=MAX_LR, max_grad_norm=MAX_GRAD_NORM)
     return lambda x: mem(x)[0], mem

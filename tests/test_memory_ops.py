@@ -1,5 +1,6 @@
 """ops for the test-time memory: the fast chunk-parallel scan against its token-loop reference."""
 
+import functools
 import itertools
 import math
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from neatlm.ops.features import poly_feature_dim, poly_features, poly_features_reference, poly_init_coeffs
-from neatlm.ops.memory_scan import memory_forward, memory_scan, memory_scan_reference
+from neatlm.ops.memory import chunk_step, chunk_step_bwd, chunk_step_fwd, memory_forward, memory_scan, memory_scan_reference
+from neatlm.ops.memory.chunk import inner_grads
 from neatlm.ops.newton_schulz import newton_schulz, newton_schulz_reference
 
 B, H, DK, DV, HID = 2, 2, 5, 4, 6
@@ -67,14 +69,15 @@ def test_fast_equals_reference(depth, norm, window, optimizer, cap, dtype, tol):
     assert (fast[1] - a["weights"][0]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("depth,norm,window,optimizer,cap",
-                         [(1, False, 1, "momentum", 0.0), (2, False, 1, "momentum", 0.7),
-                          (2, True, 3, "muon", 0.0), (3, False, 2, "momentum", 0.0)])
-def test_outer_gradients_match_reference(depth, norm, window, optimizer, cap):
+@pytest.mark.parametrize("depth,norm,window,optimizer,cap,fused",
+                         [(1, False, 1, "momentum", 0.0, True), (2, False, 1, "momentum", 0.7, True),
+                          (2, True, 3, "muon", 0.0, True), (3, False, 2, "momentum", 0.0, True),
+                          (2, True, 3, "momentum", 0.7, False)])
+def test_outer_gradients_match_reference(depth, norm, window, optimizer, cap, fused):
     """Autograd through the fast form equals autograd through the token loop, for every input."""
     kw = dict(chunk_size=4, window=window, norm=norm, optimizer=optimizer, max_grad_norm=cap)
     grads = []
-    for fn in (memory_scan, memory_scan_reference):
+    for fn in (functools.partial(memory_scan, fused=fused), memory_scan_reference):
         a = _inputs(depth, window, torch.float64, L=10, requires_grad=True)
         outs = _flat(_call(fn, a, **kw))
         g = torch.Generator().manual_seed(1)
@@ -132,27 +135,19 @@ def test_poly_features(degree):
     assert torch.allclose(fast[..., 5], 0.5 * x[..., 0] ** 2)
 
 
-def test_momentum_step_custom_backward_gradcheck():
-    from neatlm.ops.memory_scan import momentum_step
-    g = torch.Generator().manual_seed(3)
-    args = [torch.randn(2, 1, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
-    args += [torch.rand(2, 1, 1, 1, generator=g, dtype=torch.float64) for _ in range(2)]
-    args = [a.requires_grad_(True) for a in args]
-    assert torch.autograd.gradcheck(momentum_step, args)
-    w_new, s_new = momentum_step(*args)
-    w, s, u, eta, keep = args
-    assert torch.allclose(s_new, eta * s + u) and torch.allclose(w_new, keep * w + eta * s + u)
-    # only one output used downstream
-    assert torch.autograd.gradcheck(lambda *a: momentum_step(*a)[0], args)
-    assert torch.autograd.gradcheck(lambda *a: momentum_step(*a)[1], args)
+
+@pytest.mark.parametrize("depth,norm,window,cap", [(1, False, 1, 0.0), (2, True, 3, 0.7), (3, False, 2, 0.0)])
+def test_unfused_momentum_equals_reference(depth, norm, window, cap):
+    """fused=False (the same chunk step from tensor ops, backward by autograd) keeps the semantics."""
+    a = _inputs(depth, window, torch.float64)
+    kw = dict(chunk_size=4, window=window, norm=norm, max_grad_norm=cap)
+    fast, ref = _flat(_call(memory_scan, a, fused=False, **kw)), _flat(_call(memory_scan_reference, a, **kw))
+    for f, r in zip(fast, ref):
+        assert (f - r).abs().max().item() < 1e-10 * max(1.0, r.abs().max().item())
 
 
-@pytest.mark.parametrize("depth,norm,cap", [(1, False, 0.0), (2, False, 0.0), (2, True, 0.6), (3, True, 0.0),
-                                            (3, False, 0.6)])
-def test_fused_chunk_step_backward(depth, norm, cap):
-    """The hand-written backward: float64 gradcheck, and equality with autograd through the unfused path."""
-    from neatlm.ops import memory_scan as ms
-    g = torch.Generator().manual_seed(4)
+def _chunk_args(depth, seed=4):
+    g = torch.Generator().manual_seed(seed)
     n_k, n_q, b, h = 5, 3, 2, 1
     ws = [torch.randn(b, h, *s, generator=g, dtype=torch.float64) * (2.0 / s[1]) ** 0.5 for s in _shapes(depth)]
     ss = [torch.randn(b, h, *s, generator=g, dtype=torch.float64) * 0.1 for s in _shapes(depth)]
@@ -161,19 +156,32 @@ def test_fused_chunk_step_backward(depth, norm, cap):
     c = -torch.rand(b, h, n_k, generator=g, dtype=torch.float64)
     eta = torch.rand(b, h, 1, 1, generator=g, dtype=torch.float64)
     keep = torch.rand(b, h, 1, 1, generator=g, dtype=torch.float64)
-    args = [t.requires_grad_(True) for t in [x, v, c, eta, keep, *ws, *ss]]
+    return n_k, [t.requires_grad_(True) for t in [x, v, c, eta, keep, *ws, *ss]], g
+
+
+def _unfused(depth, n_k, norm, cap):
+    """The fused step's maths in plain autograd: inner gradients, then S' = eta S + U, W' = keep W + S'."""
+    def step(x, v, c, eta, keep, *wss):
+        y, us = inner_grads(list(wss[:depth]), x, n_k, v, c, norm, cap)
+        s_new = [eta * s + u for s, u in zip(wss[depth:], us)]
+        return (y, *[keep * w + s for w, s in zip(wss[:depth], s_new)], *s_new)
+    return step
+
+
+CHUNK_CASES = [(1, False, 0.0), (2, False, 0.0), (2, True, 0.6), (3, True, 0.0), (3, False, 0.6)]
+
+
+@pytest.mark.parametrize("depth,norm,cap", CHUNK_CASES)
+def test_fused_chunk_step_backward(depth, norm, cap):
+    """The hand-written backward: float64 gradcheck, and equality with autograd through the unfused maths."""
+    n_k, args, g = _chunk_args(depth)
 
     def fused(x, v, c, eta, keep, *wss):
-        y, w, s = ms.chunk_step(list(wss[:depth]), list(wss[depth:]), x, n_k, v, c, eta, keep, norm, cap)
+        y, w, s = chunk_step(list(wss[:depth]), list(wss[depth:]), x, n_k, v, c, eta, keep, norm, cap)
         return (y, *w, *s)
 
-    def unfused(x, v, c, eta, keep, *wss):
-        y, grads = ms._inner_grads(list(wss[:depth]), x, n_k, v, c, norm, cap)
-        new = [ms.momentum_step(w, s, u, eta, keep) for w, s, u in zip(wss[:depth], wss[depth:], grads)]
-        return (y, *[p[0] for p in new], *[p[1] for p in new])
-
     assert torch.autograd.gradcheck(fused, args, eps=1e-6, atol=1e-7, rtol=1e-5)
-    outs_f, outs_u = fused(*args), unfused(*args)
+    outs_f, outs_u = fused(*args), _unfused(depth, n_k, norm, cap)(*args)
     for a, b in zip(outs_f, outs_u):
         assert (a - b).abs().max() < 1e-12
     cot = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs_f]
@@ -181,3 +189,22 @@ def test_fused_chunk_step_backward(depth, norm, cap):
     gu = torch.autograd.grad(outs_u, args, cot)
     for a, b in zip(gf, gu):
         assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("depth,norm,cap", CHUNK_CASES)
+def test_chunk_step_fwd_bwd_called_directly(depth, norm, cap):
+    """chunk_step_fwd / chunk_step_bwd as plain functions (no autograd Function around them): the
+    returned gradients, unpacked by name, equal autograd's through the unfused maths."""
+    n_k, args, g = _chunk_args(depth, seed=5)
+    x, v, c, eta, keep, *wss = [t.detach() for t in args]
+    ws, ss = wss[:depth], wss[depth:]
+    y, w_new, s_new, saved = chunk_step_fwd(ws, ss, x, n_k, v, c, eta, keep, norm, cap)
+    outs_u = _unfused(depth, n_k, norm, cap)(*args)
+    for a, b in zip([y, *w_new, *s_new], outs_u):
+        assert (a - b).abs().max() < 1e-12
+    cot = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs_u]
+    got = chunk_step_bwd(saved, cot[0], cot[1:1 + depth], cot[1 + depth:], n_k, norm, cap)
+    want = torch.autograd.grad(outs_u, args, cot)
+    named = [got.x, got.v, got.coef, got.eta, got.keep, *got.weights, *got.momentum]
+    for a, b in zip(named, want):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-10

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.features import poly_feature_dim, poly_features, poly_features_reference, poly_init_coeffs
-from ..ops.memory_scan import memory_forward, memory_scan, memory_scan_reference
+from ..ops.memory import memory_forward, memory_scan, memory_scan_reference
 from ..ops.newton_schulz import newton_schulz
 from ..settings import ConfigError, check_settings, setting
 

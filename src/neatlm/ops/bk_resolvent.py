@@ -12,7 +12,7 @@ Notation (0-based, positions ``0..N-1``): ``alpha_k = v_k - z``, ``beta_k = b_k 
     e_{N-1} = alpha_{N-1}, e_k = alpha_k - beta_k / e_{k+1}           (backward scan)
     G_kk = 1 / (d_k + e_k - alpha_k)
 
-Exact gradient (shared/notes/algorithms.md section 4). With ``w = conj(grad_G)`` (PyTorch passes
+Exact gradient (derived in ``docs/bk_core.md``). With ``w = conj(grad_G)`` (PyTorch passes
 ``dL/dRe G + i dL/dIm G``), ``u_k = w_k G_kk^2``, ``rho_k = beta_k / e_{k+1}^2``,
 ``sigma_k = beta_k / d_k^2``:
 
@@ -36,9 +36,9 @@ Speed: both scans are chains of 2x2 maps (Moebius maps for ``d``/``e``, affine m
 ``T``), run here by odd-even recursion: compose neighbouring pairs, solve the half-length problem,
 then fill in the even positions with one step of the plain recurrence. That is O(N) work in
 O(log N) vectorised steps, and the filled-in positions use the stable ratio form itself. The
-forward and backward scans of one call run stacked in a single recursion. ``benchmarks/bk_core.py``
-measures this against a plain loop, a blocked (sqrt N) scan and a Hillis-Steele scan of the same
-maps; the recursion was the fastest at N = 128, 512 and 2048 (batch 8, one CPU thread).
+forward and backward scans of one call run stacked in a single recursion, so Python overhead is
+paid once per level, not once per position. ``benchmarks/bk_core.py`` compares it with a plain
+loop, a blocked (sqrt N) scan and a Hillis-Steele scan of the same maps.
 
 Precision: ``"complex128"``, ``"complex64"``, or ``"mixed"`` (forward in complex128, backward in
 complex64, saved tensors stored in complex64). Real inputs may be float32 or float64; they are
@@ -296,8 +296,9 @@ def bk_resolvent_diag(v: Tensor, b: Tensor, c: Tensor, z: complex | Tensor, caus
             ``Im z > 0`` (then, for ``b_k c_k > 0``, every scan value stays away from zero).
         causal: return ``[(H_{0..k} - z)^-1]_kk = 1/d_k``, which sees positions ``0..k`` only.
         grad_blend: ablation knob, default 0 (exact gradient). The returned ``dL/dv`` becomes
-            ``(1 - g) * exact + g * (-Re(w / G^2))`` (the original project's diagonal-only term);
-            any ``g > 0`` is not the gradient of anything. ``b``, ``c``, ``z`` stay exact.
+            ``(1 - g) * exact + g * (-Re(w / G^2))``, a diagonal-only approximation that drops
+            every ``i != j`` term of the exact sum; any ``g > 0`` is not the gradient of
+            anything. ``b``, ``c``, ``z`` stay exact.
         precision: ``"complex128"``, ``"complex64"`` or ``"mixed"`` (forward 128 / backward 64).
         init: causal only: ``(d_prev, beta_prev)`` with shapes broadcastable to ``v.shape[:-1]``
             (complex, real): continue a sequence whose last forward-scan value was ``d_prev``,

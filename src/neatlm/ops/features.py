@@ -35,7 +35,7 @@ def poly_features(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     parts = [coeffs[0] * x]
     for i in range(2, coeffs.shape[0] + 1):
         idx = torch.tensor(_monomials(d, i), device=x.device)  # (n_i, i)
-        # index_select, not x[..., idx]: its backward is an index_add, ~10x faster on CPU than the
+        # index_select, not x[..., idx]: its backward is an index_add, much faster on CPU than the
         # accumulating index_put that advanced indexing differentiates into
         mono = x.index_select(-1, idx[:, 0])
         for j in range(1, i):

@@ -3,7 +3,7 @@
 Shapes: ``N`` tokens (flattened batch x time), ``D`` model width, ``E`` experts, ``H`` expert
 hidden width, ``k`` experts per token, ``M <= N k`` kept (token, expert) assignments.
 
-Routing (shared/notes/algorithms.md section 5): ``h = x W_r``; ``S = topk(h, k)``; the gates are
+Routing (``docs/moe.md``): ``h = x W_r``; ``S = topk(h, k)``; the gates are
 ``softmax(h_S)`` for ``k >= 2`` (renormalised over the chosen experts) and, for ``k = 1``, the
 full-softmax probability of the chosen expert (Switch Transformer; ``softmax(h_S)`` would be the
 constant 1 and the router would learn from the auxiliary loss only).
@@ -14,16 +14,12 @@ assignment contributes zero; the block's residual carries the token). Each exper
 ``(silu(x W_g) * (x W_u)) W_d`` on its contiguous slice of the sorted tokens. The same
 permutation scatters the results back (forward) and gathers the output gradient (backward).
 
-The expert computation ``experts_swiglu`` is plain autograd over the sparse dispatch (it saves the
-hidden activations). ``moe_dense_reference`` runs every expert on every token and masks the
-unselected ones: a check for tests and the dense baseline of the benchmark.
-
-A hand-written backward that saved only ``x``, the permutation and the gates and recomputed the
-expert activations was measured (``benchmarks/moe.py``, CPU, 2048 tokens, D = 128): it saved 13-24x
-activation memory but was 1.2-1.5x slower than autograd (forward + backward), and stock
-``torch.utils.checkpoint`` around the autograd path gave the same memory saving at about the same
-time. It was removed: the layer uses autograd over the sparse dispatch, and memory savings come from
-the activation-checkpointing policies in :mod:`neatlm.grad.checkpointing`.
+The expert computation ``experts_swiglu`` is plain autograd over the sparse dispatch: it saves
+the hidden activations, so its backward recomputes nothing. Trading that memory for a second pass
+of the expert matmuls is the job of the activation-checkpointing policies in
+:mod:`neatlm.grad.checkpointing`, which apply to every layer alike. ``moe_dense_reference`` runs
+every expert on every token and masks the unselected ones: a check for tests and the dense
+baseline of the benchmark.
 """
 
 from __future__ import annotations
@@ -86,24 +82,19 @@ def _swiglu(xs: Tensor, wg: Tensor, wu: Tensor, wd: Tensor) -> Tensor:
     return (F.silu(xs @ wg.to(dt)) * (xs @ wu.to(dt))) @ wd.to(dt)
 
 
-def _experts_forward(x: Tensor, gates: Tensor, token: Tensor, counts: list[int], w_gate: Tensor,
-                     w_up: Tensor, w_down: Tensor) -> Tensor:
-    xs = x[token]                                              # gather once, in expert order
+def experts_swiglu(x: Tensor, gates: Tensor, dispatch: Dispatch, w_gate: Tensor, w_up: Tensor,
+                   w_down: Tensor) -> Tensor:
+    """Sparse experts, plain autograd. x (N, D), gates (M,) in sorted order -> (N, D)."""
+    xs = x[dispatch.token]                                     # gather once, in expert order
     parts = []
     start = 0
-    for e, cnt in enumerate(counts):
+    for e, cnt in enumerate(dispatch.counts):
         if cnt:
             parts.append(_swiglu(xs[start:start + cnt], w_gate[e], w_up[e], w_down[e]))
         start += cnt
     ys = torch.cat(parts) if parts else xs.new_zeros(0, x.shape[-1])
     ys = ys * gates.to(x.dtype)[:, None]
-    return x.new_zeros(x.shape).index_add(0, token, ys)       # scatter back with the same permutation
-
-
-def experts_swiglu(x: Tensor, gates: Tensor, dispatch: Dispatch, w_gate: Tensor, w_up: Tensor,
-                   w_down: Tensor) -> Tensor:
-    """Sparse experts, plain autograd. x (N, D), gates (M,) in sorted order -> (N, D)."""
-    return _experts_forward(x, gates, dispatch.token, dispatch.counts, w_gate, w_up, w_down)
+    return x.new_zeros(x.shape).index_add(0, dispatch.token, ys)   # scatter back with the same permutation
 
 
 def moe_dense_reference(x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
