@@ -9,7 +9,7 @@
 
 Per head: q_t = normalize(W_Q x_t), k_t = normalize(W_K x_t), v_t = W_V x_t; keys and queries go
 through the feature map phi (identity or polynomial); the memory branch M_W is linear or a silu MLP
-(see :mod:`neatlm.ops.memory_scan`); the MLP memory reads y_t = q_t + M_W(phi(q_t)) and learns
+(see :mod:`neatlm.ops.memory`); the MLP memory reads y_t = q_t + M_W(phi(q_t)) and learns
 ||k_t + M_W(phi(k_t)) - v_t||^2 when ``residual``. Gates are linear maps of x followed by sigmoids:
 
 * learning rate theta_t = max_lr * sigmoid(.) per token and head;
