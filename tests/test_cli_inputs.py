@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import neatlm
 from conftest import small_config, write_corpus
 from neatlm.cli import main
 from neatlm.train.trainer import Trainer
@@ -84,7 +85,9 @@ def test_bad_value_names_the_flag_and_what_is_allowed(argv, flag, allowed, capsy
 
 def test_non_utf8_argv_is_refused_from_the_real_command_line(tmp_path):
     """Bytes that are not UTF-8 reach sys.argv as surrogate escapes; they must not crash an encode."""
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # the strictest stdout/stderr a user can have
+    src = str(Path(neatlm.__file__).resolve().parents[1])  # the neatlm under test
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict",  # the strictest stdout/stderr a user can have
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     for args in ([b"generate", b"--run", os.fsencode(tmp_path), b"--prompt", b"def \xff\xfe"],
                  [b"config", b"--set", b"data.path=/tmp/\xff"]):
         proc = subprocess.run([os.fsencode(sys.executable), b"-m", b"neatlm", *args], capture_output=True, env=env,
@@ -186,8 +189,10 @@ def test_fuzz_numeric_flags(prefix, flag, value, capsys):
     bad(argv, capsys, flag)
 
 
-@pytest.mark.parametrize("prefix, flag", [(p, f) for p, f in NUMERIC_FLAGS if f not in ("--temperature", "--tolerance")],
-                         ids=lambda x: x if isinstance(x, str) else x[0])
+INTEGER_FLAGS = [(p, f) for p, f in NUMERIC_FLAGS if f not in ("--temperature", "--tolerance")]
+
+
+@pytest.mark.parametrize("prefix, flag", INTEGER_FLAGS, ids=[f"{p[0]}{f}" for p, f in INTEGER_FLAGS])
 def test_fuzz_integer_flags_refuse_fractions(prefix, flag, capsys):
     bad([*prefix, flag, "1.5"], capsys, flag, "expected an integer")
 
