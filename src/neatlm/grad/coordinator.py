@@ -1,4 +1,5 @@
-"""GradientCoordinator: one object that owns backward, clipping, optimizers and schedules.
+"""GradientCoordinator: one object that owns backward, clipping, the divergence guard, optimizers
+and schedules.
 
     coord = GradientCoordinator(model, parse_components(cfg_table), total_steps=2000, accum_steps=2)
     for step in range(2000):
@@ -21,11 +22,19 @@ Test-time adaptation of one component::
 
     with coord.only("memory"):         # every other parameter has requires_grad=False here
         coord.backward(loss); coord.step(); coord.zero_grad()
+
+Every step goes through the guard (:mod:`neatlm.grad.guard`): a component whose loss or gradient
+is not finite does not step, one whose update makes its parameters non-finite or explode has the
+update undone exactly (parameters and optimizer state), and ``guard.max_failures`` rejected steps
+in a row raise :class:`TrainingDiverged`. To undo a step the coordinator keeps one copy of each
+component's parameters and optimizer state, on their device. Stats of a rejected step:
+``grad/<c>/rejected`` = 1 (and ``grad/<c>/nonfinite`` = 1 when the loss or gradient was not finite).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Iterator, Mapping
 
@@ -43,30 +52,84 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _copy_state(src: Mapping[str, Any], into: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state, reusing the tensors of ``into`` where they fit."""
+    out: dict[str, Any] = {}
+    for k, v in src.items():
+        if isinstance(v, Tensor):
+            old = into.get(k) if into else None
+            if isinstance(old, Tensor) and old.shape == v.shape and old.dtype == v.dtype and old.device == v.device:
+                out[k] = old.copy_(v)
+            else:
+                out[k] = v.detach().clone()
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 class _Component:
-    def __init__(self, group: ComponentParams, guard_cfg: GuardConfig):
+    def __init__(self, group: ComponentParams, guard_cfg: GuardConfig, verbose: bool):
         self.group = group
         self.spec: ComponentSpec = group.spec
         self.name = group.name
         self.params = group.params
         self.optimizers = build_optimizers(group)
-        self.guard = ComponentGuard(self.name, self.params, guard_cfg)
+        self.guard = ComponentGuard(self.name, self.params, guard_cfg, verbose=verbose)
         self.lr = self.spec.lr
+        self._undo_params: list[Tensor] | None = None
+        self._undo_state: list[dict[Tensor, dict[str, Any]]] | None = None
 
     def grads(self) -> tuple[list[Tensor], list[Tensor]]:
         ps = [p for p in self.params if p.grad is not None]
         return ps, [p.grad for p in ps]
 
+    @torch.no_grad()
+    def save_undo(self) -> None:
+        """Copy the parameters and the optimizer state before a step (the copies are reused)."""
+        if self._undo_params is None:
+            self._undo_params = [p.detach().clone() for p in self.params]
+        else:
+            for b, p in zip(self._undo_params, self.params):
+                b.copy_(p.detach())
+        previous = self._undo_state or [{} for _ in self.optimizers]
+        self._undo_state = [{p: _copy_state(st, prev.get(p)) for p, st in opt.state.items()}
+                            for opt, prev in zip(self.optimizers, previous)]
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Restore what :meth:`save_undo` copied: the step never happened."""
+        assert self._undo_params is not None and self._undo_state is not None
+        for b, p in zip(self._undo_params, self.params):
+            p.copy_(b)
+        for opt, saved in zip(self.optimizers, self._undo_state):
+            for p in [p for p in opt.state if p not in saved]:   # state the step created
+                del opt.state[p]
+            for p, st in saved.items():
+                cur = opt.state[p]
+                for k in [k for k in cur if k not in st]:
+                    del cur[k]
+                for k, v in st.items():
+                    now = cur.get(k)
+                    if isinstance(v, Tensor) and isinstance(now, Tensor) and now.shape == v.shape \
+                            and now.dtype == v.dtype and now.device == v.device:
+                        now.copy_(v)
+                    else:
+                        cur[k] = v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+
+
+def _param_norm(params: list[Tensor]) -> Tensor:
+    return torch.nn.utils.get_total_norm([p.detach() for p in params], 2.0).float()
+
 
 class GradientCoordinator:
-    """Backward, clipping, NaN guard, optimizers and schedules for a model's components.
+    """Backward, clipping, divergence guard, optimizers and schedules for a model's components.
 
     Args:
         model: the model (may be wrapped in DistributedDataParallel).
         specs: component specs; ``None`` = one AdamW component ``all``.
         total_steps: optimizer steps of the run (the cosine schedules end there).
-        accum_steps: micro-batches per optimizer step; ``backward`` divides losses by it.
-        guard: NaN/Inf guard settings (:class:`GuardConfig`).
+        accum_steps: backward calls per optimizer step; ``backward`` divides losses by it.
+        guard: divergence guard settings (:class:`GuardConfig`).
         monitor_every: steps between the costlier monitors (update ratio, gradient cosine).
     """
 
@@ -82,13 +145,15 @@ class GradientCoordinator:
         self.guard_cfg = guard or GuardConfig()
         specs = specs if specs is not None else default_components()
         groups = assign_parameters(_unwrap(model), specs)
-        self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg) for n, g in groups.items()}
+        self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg, verbose=True)
+                                                  for n, g in groups.items()}
         self.monitor = GradMonitor(monitor_every)
         self.step_count = 0          # completed optimizer steps
         self.micro_step = 0          # backward calls since the last step()
         self._active: set[str] | None = None
         self._manual_reduce = False
         self._events: list[dict[str, Any]] = []
+        self._loss_bad: Tensor | None = None   # per component: a non-finite loss since the last step
 
     # ------------------------------------------------------------------------------ queries
     @property
@@ -130,8 +195,20 @@ class GradientCoordinator:
         if isinstance(loss, Mapping):
             self._backward_isolated(loss, scale, retain_graph)
         else:
+            self._note_loss(loss, None)
             (loss / scale if scale != 1 else loss).backward(retain_graph=retain_graph)
         self.micro_step += 1
+
+    def _note_loss(self, loss: Tensor, name: str | None) -> None:
+        """Remember (on the device, without a sync) whether ``loss`` is finite, for the guard."""
+        bad = torch.logical_not(torch.isfinite(loss.detach()).all()).float()
+        if self._loss_bad is None:
+            self._loss_bad = torch.zeros(len(self.components), device=bad.device)
+        if name is None:
+            self._loss_bad = torch.maximum(self._loss_bad, bad)
+        else:
+            i = list(self.components).index(name)
+            self._loss_bad[i] = torch.maximum(self._loss_bad[i], bad)
 
     def _backward_isolated(self, losses: Mapping[str, Tensor], scale: int, retain_graph: bool) -> None:
         if not losses:
@@ -153,6 +230,7 @@ class GradientCoordinator:
         seen: set[int] = set()
         for i, (name, loss, params) in enumerate(plan):
             keep = retain_graph or i < len(plan) - 1
+            self._note_loss(loss, name)
             try:
                 grads = torch.autograd.grad(loss / scale if scale != 1 else loss, params,
                                             retain_graph=keep, allow_unused=True)
@@ -208,7 +286,9 @@ class GradientCoordinator:
 
     # ------------------------------------------------------------------------------ step
     def step(self, log: bool | None = None) -> dict[str, float]:
-        """Clip, guard and update every component that has gradients; returns flat stats.
+        """Clip, guard and update every component that has gradients;
+        returns flat stats. Raises :class:`TrainingDiverged` (after every component has finished
+        this step, rejected ones undone) when a component reaches ``guard.max_failures``.
 
         ``log`` forces (or suppresses) the costlier monitors for this step; by default they run
         when ``step_count % monitor_every == 0``.
@@ -216,6 +296,9 @@ class GradientCoordinator:
         t = self.step_count
         log = self.monitor.is_log_step(t) if log is None else log
         keep = self.monitor.is_log_step(t + 1)
+        names = list(self.components)
+        loss_bad = self._loss_bad
+        self._loss_bad = None
         if self._manual_reduce:
             self._all_reduce()
             self._manual_reduce = False
@@ -228,22 +311,26 @@ class GradientCoordinator:
             if gs:
                 todo.append((c, ps, gs))
         stats: dict[str, float] = {}
+        # one transfer to the host: every gradient norm and every loss flag
         if todo:
             norms = [torch.nn.utils.get_total_norm(gs, 2.0) for _, _, gs in todo]
             dev = norms[0].device
-            norm_vals = torch.stack([n.to(dev) for n in norms]).tolist()
+            host = torch.cat([torch.stack([n.to(dev).float() for n in norms]),
+                              (loss_bad if loss_bad is not None else torch.zeros(len(names))).to(dev)]).tolist()
+            norm_vals, bad_vals = host[:len(todo)], host[len(todo):]
         else:
-            norms, norm_vals = [], []
+            norms, norm_vals, bad_vals = [], [], []
+        failed: list[tuple[_Component, str, dict[str, Any]]] = []
+        stepped = []
         total_sq = 0.0
         for (c, ps, gs), norm_t, norm in zip(todo, norms, norm_vals):
             name = c.name
             stats[f"grad/{name}/norm"] = norm
-            if not math.isfinite(norm):
+            if bad_vals[names.index(name)] > 0 or not math.isfinite(norm):
                 stats[f"grad/{name}/nonfinite"] = 1.0
                 self.monitor.forget(name)
-                self._events.append(c.guard.on_nonfinite(t, norm))   # may raise TrainingDiverged
-                stats[f"grad/{name}/skipped"] = float(c.guard.skipped)
-                stats[f"grad/{name}/lr"] = 0.0
+                reason = "nonfinite_loss" if bad_vals[names.index(name)] > 0 else "nonfinite_grad"
+                failed.append((c, reason, {"grad_norm": norm}))
                 continue
             total_sq += norm * norm
             clip = c.spec.clip
@@ -256,17 +343,46 @@ class GradientCoordinator:
                     g["lr"] = g["base_lr"] * factor
             c.lr = c.spec.lr * factor
             self.monitor.before_update(name, ps, gs, log, keep)
+            c.save_undo()
+            before = _param_norm(c.params)
             for opt in c.optimizers:
                 opt.step()
-            self.monitor.after_update(name, ps)
-            c.guard.after_good_step(t + 1)
-            stats[f"grad/{name}/lr"] = c.lr
-            stats[f"grad/{name}/skipped"] = float(c.guard.skipped)
+            stepped.append((c, ps, norm, before, _param_norm(c.params)))
+        # the verdict on each update: its parameter norms before and after, in one transfer
+        if stepped:
+            dev = stepped[0][3].device
+            sizes = torch.stack([torch.stack([b.to(dev), a.to(dev)]) for *_, b, a in stepped])
+            verdicts = sizes.tolist()
+        else:
+            verdicts = []
+        for (c, ps, norm, *_), (before, after) in zip(stepped, verdicts):
+            name = c.name
+            if not math.isfinite(after):
+                reason, info = "nonfinite_params", {"grad_norm": norm, "param_norm": after}
+            elif before > 0 and after > self.guard_cfg.max_growth * before:
+                reason, info = "exploding_update", {"grad_norm": norm, "growth": after / before}
+            else:
+                self.monitor.after_update(name, ps)
+                c.guard.after_good_step(t + 1)
+                stats[f"grad/{name}/lr"] = c.lr
+                stats[f"grad/{name}/skipped"] = float(c.guard.skipped)
+                continue
+            c.undo()
+            self.monitor.forget(name)
+            failed.append((c, reason, info))
+        for c, reason, info in failed:
+            self._events.append(c.guard.on_failure(t + 1, reason, **info))
+            stats[f"grad/{c.name}/rejected"] = 1.0
+            stats[f"grad/{c.name}/lr"] = 0.0
+            stats[f"grad/{c.name}/skipped"] = float(c.guard.skipped)
         if todo:
             stats["grad/total_norm"] = math.sqrt(total_sq)
         stats.update(self.monitor.collect())
         self.step_count += 1
         self.micro_step = 0
+        for c, _, _ in failed:
+            if c.guard.diverged:
+                raise c.guard.error()
         return stats
 
     def zero_grad(self) -> None:
@@ -275,6 +391,7 @@ class GradientCoordinator:
             for p in c.params:
                 p.grad = None
         self.micro_step = 0
+        self._loss_bad = None
 
     # ------------------------------------------------------------------------------ isolation
     @contextlib.contextmanager
