@@ -81,3 +81,15 @@ def test_memory_that_never_reads_an_update_in_a_window_is_rejected(overrides, fr
 ])
 def test_memory_windows_that_read_updates_are_accepted(overrides):
     load_config("tiny", overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.seq_len=8", "memory.chunk_size=8", "train.segments=2"],
+    ["train.seq_len=4", "memory.chunk_size=8", "memory.reset=never", "model.window=8"],
+])
+def test_chunks_ending_only_at_forward_ends_are_rejected(overrides):
+    """Every update is first read in a later, detached forward: keys, values and gates get no gradient."""
+    with pytest.raises(ConfigError, match=r"memory\.chunk_size = 8: a multiple of train\.seq_len = [48], .*"
+                       r"keys, values and gates never get a gradient"):
+        load_config("tiny", overrides=["memory.enabled=true", *overrides])
+    load_config("tiny", overrides=["memory.enabled=true", "memory.detach_output=true", *overrides])

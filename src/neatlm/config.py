@@ -315,6 +315,15 @@ def validate(cfg: Config) -> None:
                               "memory.reset = 'batch', which restarts the memory at every segment (no memory update "
                               "is read inside a segment, so the memory never learns); shorten the chunk, lengthen "
                               "train.seq_len or set memory.reset = 'sequence'")
+    if mem.enabled and not mem.detach_output and mem.chunk_size % t.seq_len == 0:
+        # truncated backprop detaches the state between forwards; when every chunk ends exactly at
+        # the end of a forward, its update is first read in a later forward, so no outer gradient
+        # ever reaches what wrote it (measured: exactly zero for to_k, to_v and the gates)
+        raise ConfigError(f"memory.chunk_size = {mem.chunk_size}: a multiple of train.seq_len = {t.seq_len}, so "
+                          "every memory update falls at the end of a forward, where truncated backprop detaches "
+                          "the state, and the memory's keys, values and gates never get a gradient; use a seq_len "
+                          "longer than the chunk or one that does not divide it (memory.detach_output = true "
+                          "trains the read path only, by design)")
     d = cfg.data
     if d.task == "mqar":
         queries = d.mqar_queries or d.mqar_pairs
