@@ -8,9 +8,10 @@ A step of a component *fails* when
    ``max_growth``-fold in this one step, ``||w_after|| > max_growth * ||w_before||``. A healthy
    step changes a component's norm by a small fraction (update/weight ratios of 1e-3, 1e-1 at
    the most aggressive); a step that makes it 100 times larger has replaced the learned weights
-   by the update itself, which only a runaway learning rate does (Adam at lr 1e30 pushes every
-   weight to 1e30: finite, yet the next forward overflows). A component whose parameters are all
-   zero has no scale to compare with, and only the finiteness rule applies to its step.
+   by the update itself, the signature of a runaway learning rate (AdamW at lr 1e30 pushes every
+   weight to 1e30: finite, yet the next forward overflows; its first step grows matrices drawn
+   with std 0.02 about lr / 0.02-fold, norm weights at 1 much less). A component whose
+   parameters are all zero has no scale to compare with; only the finiteness rule applies to it.
 
 A failed step is undone exactly, so nothing of it survives: the parameters and the optimizer state
 (moments, step counts) are those from before the step, the last accepted state, and no checkpoint
@@ -182,7 +183,8 @@ class ComponentGuard:
         step, reason, info, rolled_back = self._last
         first, name = self._first_failed, self.name
         steps = f"step {step}" if first == step else f"steps {first}-{step}"
-        state = f"those after step {self._state_step}" + (" (its last backup)" if rolled_back else "")
+        state = "the initial ones" if self._state_step == 0 else f"those after step {self._state_step}"
+        state += " (its last backup)" if rolled_back else ""
         return TrainingDiverged(
             f"component {name!r} diverged: {self.failures} steps in a row rejected ({steps}; the last because "
             f"{_describe(reason, info, self.cfg)}); its parameters are {state}, with the learning rate cut to "
