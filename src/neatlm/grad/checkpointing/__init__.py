@@ -5,13 +5,15 @@ Policies (per unit: a block, or any submodule such as one component inside a blo
 - ``"none"``       autograd saves whatever it saves.
 - ``"full"``       save only the unit's inputs; recompute the whole unit in backward.
 - ``"selective"``  keep the outputs of matmul-like ops and recompute the cheap pointwise ops
-                   around them. Where the unit has a fused path (a module with a
-                   ``recompute_pointwise`` attribute: a block whose MLP is SwiGLU, or a SwiGLU),
-                   that path runs: one autograd function whose backward rebuilds norm, silu and
-                   product from the kept gate_up output (:mod:`neatlm.ops.recompute`), no replay
-                   of the forward. The rest of such a unit keeps its activations. A unit without
-                   a fused path, and any unit under autocast, goes through torch's selective
-                   checkpointing (:mod:`.selective`).
+                   around them. A block whose MLP is SwiGLU, or a SwiGLU, is swapped for its
+                   fused counterpart (:mod:`.fused`: same children, same parameter names), whose
+                   backward rebuilds norm, silu and product from the kept gate_up output
+                   (:mod:`neatlm.ops.recompute`) without replaying the forward; the rest of such a
+                   block (its mixer) keeps its activations. Any other unit, and a fused one where
+                   the fused ops do not apply (autocast, half precision), runs under torch's
+                   selective checkpointing (:mod:`.selective`), which replays every op of the unit
+                   under a Python dispatch mode: slower, and for a memory mixer no better than
+                   ``"full"``, which is why the fused blocks leave their mixer alone.
 
 All use the non-reentrant implementation, so units may take extra arguments, keyword arguments
 and ``None``, and may return tuples such as ``(x, state)``. Gradients equal those of ``"none"``:
@@ -26,16 +28,21 @@ Usage::
                                 units=component_units(model, coordinator))
     plan.apply(model)
 
-A unit's forward runs twice under ``full`` / ``selective`` (once more in backward), so it must
-not mutate module state in its forward; blocks that pass state in and out as values are fine.
+A unit's forward runs twice under ``"full"`` and torch's selective checkpointing (once more in
+backward), so it must not mutate module state in its forward; blocks that pass state in and out
+as values are fine.
 Torch's selective checkpointing allows one backward pass per region, so per-component losses
 (``GradientCoordinator.backward({...})``, one pass per component) need ``full`` or ``none`` on
 the regions they share. Apply policies before wrapping the model in DDP (paths are those of the
 bare model).
 
-Layout: :mod:`.policies` applies and removes policies, :mod:`.selective` is torch's selective
-checkpointing as used here, :mod:`.measure` measures saved activations, :mod:`.planner` chooses
-policies for a memory budget.
+``"full"`` and torch's selective policy replace the unit's ``forward`` on the instance; the fused
+swap replaces the module in its parent. Either way parameter names, state dicts and
+``copy.deepcopy`` are unaffected, and :func:`remove_checkpointing` restores the modules as built.
+
+Layout: :mod:`.policies` applies and removes policies, :mod:`.fused` holds the fused
+counterparts, :mod:`.selective` is torch's selective checkpointing as used here, :mod:`.measure`
+measures saved activations, :mod:`.planner` chooses policies for a memory budget.
 """
 
 from .measure import ActivationProbe, measure_activations

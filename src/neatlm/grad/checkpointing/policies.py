@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused import FusedModule, fused_counterpart
 from .selective import SAVE_OPS, selective_contexts
 
 POLICIES = ("none", "full", "selective")
@@ -46,7 +47,6 @@ class _Checkpointed:
         self.module = module
         self.run = run
         self.inner = module.__dict__.get("forward")  # an instance-level forward someone set before
-        self.fused = _fused_paths(module) if run.policy == "selective" else []
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.inner is not None:
@@ -54,34 +54,7 @@ class _Checkpointed:
         return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.fused and torch.is_grad_enabled() and not _autocast_on():
-            return self._fused_forward(*args, **kwargs)
         return self.run(self._forward, *args, **kwargs)
-
-    def _fused_forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Selective via the modules' own fused recompute paths, switched on for this call only."""
-        flags = [m.recompute_pointwise for m in self.fused]
-        try:
-            for m in self.fused:
-                m.recompute_pointwise = True
-            return self._forward(*args, **kwargs)
-        finally:
-            for m, flag in zip(self.fused, flags):
-                m.recompute_pointwise = flag
-
-
-def _autocast_on() -> bool:
-    """Any autocast active: the fused paths are fp32/fp64 only, so selective falls back to torch's."""
-    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda", "mps"))
-
-
-def _fused_paths(module: nn.Module) -> list[nn.Module]:
-    """The outermost modules in ``module`` (itself included) that offer a fused recompute path."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, m in module.named_modules():
-        if hasattr(m, "recompute_pointwise") and not any(name.startswith(p + ".") or p == "" for p, _ in found):
-            found.append((name, m))
-    return [m for _, m in found]
 
 
 # ----------------------------------------------------------------------------- units
@@ -139,17 +112,32 @@ def resolve(model: nn.Module, policy: str | Mapping[str, str], module_filter: Mo
 
 def install(model: nn.Module, path: str, policy: str, save_ops: Iterable = SAVE_OPS,
             observe: Callable[[Any], None] | None = None) -> None:
-    """Put one unit under ``policy`` (``"none"``: leave it as it is)."""
+    """Put one unit under ``policy`` (``"none"``: leave it as it is).
+
+    ``"selective"`` on a module with a fused counterpart swaps that in (same children, same
+    parameter names); any other policy replaces the unit's ``forward`` on the instance.
+    """
     if policy == "none":
         return
     module = model.get_submodule(path)
-    module.forward = _Checkpointed(module, Recompute(policy, save_ops, observe))
+    run = Recompute(policy, save_ops, observe)
+    fused = fused_counterpart(module) if policy == "selective" else None
+    if fused is not None:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, fused(module, run))
+    else:
+        module.forward = _Checkpointed(module, run)
 
 
 def applied(model: nn.Module) -> dict[str, Recompute]:
     """``{path: how it runs}`` of the units under a policy."""
-    return {n: m.__dict__["forward"].run for n, m in model.named_modules()
-            if isinstance(m.__dict__.get("forward"), _Checkpointed)}
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, FusedModule):
+            out[path] = m.run
+        elif isinstance(m.__dict__.get("forward"), _Checkpointed):
+            out[path] = m.__dict__["forward"].run
+    return out
 
 
 def reinstall(model: nn.Module, units: Mapping[str, Recompute]) -> None:
@@ -182,8 +170,12 @@ def apply_checkpointing(model: nn.Module, policy: str | Mapping[str, str] = "sel
 
 
 def remove_checkpointing(model: nn.Module) -> None:
-    """Undo every policy on ``model``: its modules run as built."""
-    for m in model.modules():
+    """Undo every policy on ``model``: the original modules are back and run as built."""
+    for path, m in list(model.named_modules()):
+        if isinstance(m, FusedModule) and path:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, m.original)
+            continue
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, _Checkpointed):
             if fwd.inner is not None:
