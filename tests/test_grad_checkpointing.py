@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neatlm.grad.checkpointing import (
+    SelectiveBackwardError,
     apply_checkpointing,
     choose_checkpointing,
     component_units,
@@ -234,9 +235,13 @@ def test_component_units_and_per_component_budget():
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
-def test_isolated_backward_through_checkpointed_blocks(policy):
-    """Per-component losses re-run full-checkpointed regions once per loss; grads stay exact."""
+@pytest.mark.parametrize("policy", ["full", "selective", {"blocks.*.norm2": "selective"}],
+                         ids=["full", "selective", "selective-norms"])
+def test_isolated_backward_through_checkpointed_units(policy):
+    """Per-component losses run one backward each through the units they share. "full" replays a
+    unit once per loss, gradients exact. Torch's selective checkpointing hands its cached outputs
+    to one backward only: the second is refused with the fix, naming the unit. A unit where it
+    cached nothing (a norm has no matmul) is replayed per loss like "full"."""
     specs = parse_components({
         "memory": {"patterns": ["*.memory.*"], "importance": 0.1},
         "trunk": {"patterns": ["*"], "exclude": ["*.memory.*"]},
@@ -247,20 +252,25 @@ def test_isolated_backward_through_checkpointed_blocks(policy):
         model.eval()  # no dropout: the two losses below reuse one forward
         if policy is not None:
             apply_checkpointing(model, policy)
+        runs = []
+        model.blocks[0].attn.register_forward_hook(lambda *_: runs.append(1))
         coord = GradientCoordinator(model, specs)
         logits, state = model(IDX[:, :-1])
         la = F.cross_entropy(logits.flatten(0, 1), IDX[:, 1:].flatten())
         lb = sum(s.square().mean() for s in state) + logits.square().mean()
         coord.backward({"trunk": la, "memory": lb})
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(runs), model
 
-    if policy == "selective":  # torch's SAC allows one backward per region: a clear error
-        with pytest.raises(RuntimeError, match="use the 'full' or 'none' policy"):
+    if policy == "selective":
+        with pytest.raises(SelectiveBackwardError, match=r"reached blocks\.\d .* use the 'full' or 'none' policy"):
             isolated_grads(policy)
         return
-    ref, got = isolated_grads(None), isolated_grads(policy)
+    (ref, ref_runs, _), (got, runs, model) = isolated_grads(None), isolated_grads(policy)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+    # the policy took effect: fewer bytes kept, and under "full" blocks.0 ran again for each loss
+    assert measure_activations(model, step_fn).total < measure_activations(model, step_fn, "none").total
+    assert (ref_runs, runs) == (1, 3 if policy == "full" else 1)
 
 
 def test_custom_save_ops_are_kept_measured_and_exact():

@@ -32,8 +32,8 @@ A unit's forward runs twice under ``"full"`` and torch's selective checkpointing
 backward), so it must not mutate module state in its forward; blocks that pass state in and out
 as values are fine.
 Torch's selective checkpointing allows one backward pass per region, so per-component losses
-(``GradientCoordinator.backward({...})``, one pass per component) need ``full`` or ``none`` on
-the regions they share. Apply policies before wrapping the model in DDP (paths are those of the
+(``GradientCoordinator.backward({...})``, one pass per component) need ``"full"`` or ``"none"``
+on the units they share where that is what runs; :class:`SelectiveBackwardError` names the unit. Apply policies before wrapping the model in DDP (paths are those of the
 bare model).
 
 ``"full"`` and torch's selective policy replace the unit's ``forward`` on the instance; the fused
@@ -48,9 +48,9 @@ measures saved activations, :mod:`.planner` chooses policies for a memory budget
 from .measure import ActivationProbe, measure_activations
 from .planner import CheckpointPlan, choose_checkpointing, component_units
 from .policies import POLICIES, apply_checkpointing, current_policies, default_units, remove_checkpointing
-from .selective import SAVE_OPS
+from .selective import SAVE_OPS, SelectiveBackwardError
 
 __all__ = [
-    "POLICIES", "SAVE_OPS", "ActivationProbe", "CheckpointPlan", "apply_checkpointing", "choose_checkpointing",
+    "POLICIES", "SAVE_OPS", "ActivationProbe", "SelectiveBackwardError", "CheckpointPlan", "apply_checkpointing", "choose_checkpointing",
     "component_units", "current_policies", "default_units", "measure_activations", "remove_checkpointing",
 ]

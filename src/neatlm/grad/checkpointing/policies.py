@@ -24,13 +24,15 @@ class Recompute:
     measuring) is handed the outputs the selective cache keeps.
     """
 
-    def __init__(self, policy: str, save_ops: Iterable = SAVE_OPS, observe: Callable[[Any], None] | None = None):
+    def __init__(self, policy: str, save_ops: Iterable = SAVE_OPS, observe: Callable[[Any], None] | None = None,
+                 where: str = ""):
         self.policy = policy
         self.save_ops = frozenset(save_ops)
         self.observe = observe
+        self.where = where   # the unit's path, for errors
 
     def _contexts(self):
-        return selective_contexts(self.save_ops, self.observe)
+        return selective_contexts(self.save_ops, self.observe, self.where)
 
     def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -120,7 +122,7 @@ def install(model: nn.Module, path: str, policy: str, save_ops: Iterable = SAVE_
     if policy == "none":
         return
     module = model.get_submodule(path)
-    run = Recompute(policy, save_ops, observe)
+    run = Recompute(policy, save_ops, observe, where=path)
     fused = fused_counterpart(module) if policy == "selective" else None
     if fused is not None:
         parent, _, name = path.rpartition(".")
