@@ -6,6 +6,8 @@ import torch
 from conftest import small_config
 from neatlm.cli import main
 from neatlm.config import ConfigError, apply_overrides, load_config
+from neatlm.data.corpus import BatchSampler
+from neatlm.grad.checkpointing import current_policies
 from neatlm.train.metrics import read_metrics
 from neatlm.train.trainer import Trainer
 
@@ -54,6 +56,17 @@ def test_checkpointing_from_config_keeps_the_losses(corpus_dir, tmp_path, settin
     ckpt, losses = run("ckpt", [setting])
     assert ckpt.checkpointing.startswith("checkpointing:") and ckpt.checkpointing != "checkpointing: none"
     assert losses == pytest.approx(base_losses, rel=1e-6, abs=1e-6)
+
+
+def test_budget_probe_leaves_the_training_stream_alone(corpus_dir, tmp_path, monkeypatch):
+    cfg = apply_overrides(small_config(corpus_dir, tmp_path / "b", steps=1), ["checkpointing.memory_budget_mb=0.05"])
+
+    def untouchable(self):
+        raise AssertionError("the checkpointing probe read a training batch")
+
+    monkeypatch.setattr(BatchSampler, "next", untouchable)
+    trainer = Trainer(cfg)
+    assert trainer.sampler.position == 0 and current_policies(trainer.model)
 
 
 def test_guard_rolls_back_and_training_continues(corpus_dir, tmp_path):
