@@ -175,6 +175,20 @@ def test_measured_bytes_match_a_hand_count():
     assert probe.total == 2 * 5 * 8 * 4
 
 
+def test_tensors_saved_into_a_graph_the_forward_frees_are_not_counted():
+    """A memory layer's inner gradient step builds and frees a graph inside the forward: what it
+    saved is gone by backward (and its storage may be handed to a later tensor)."""
+    lin = nn.Linear(8, 8)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def step(m):
+        inner = torch.randn(7, 8, requires_grad=True)
+        torch.autograd.grad(torch.tanh(inner).sum(), inner)   # tanh saved its output; freed here
+        return torch.relu(m(x)).sum()
+
+    assert measure_activations(lin, step, policy={}, units=[]).total == 2 * 5 * 8 * 4
+
+
 def test_budget_picks_cheapest_fitting_plan_low_importance_first():
     model = make()
     none = measure_activations(model, step_fn, "none")

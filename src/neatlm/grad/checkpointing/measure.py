@@ -1,14 +1,16 @@
 """Measuring what autograd keeps for backward, by unit, under a policy.
 
-The bytes are counted with ``torch.autograd.graph.saved_tensors_hooks``: every packed tensor's
-storage, each storage once, parameters and buffers excluded. Tensors held by torch's selective
-cache never reach those hooks; they are counted from the selective policy function, which sees
-each op's output. Forward hooks on the units say whose bytes they are. All of this state lives
-in one :class:`_SavedBytes` per call, so measurements cannot leak into each other or into training.
+The bytes are those of the tensors packed through ``torch.autograd.graph.saved_tensors_hooks``
+that are still alive when the forward has finished, each storage once, parameters and buffers
+excluded. Tensors held by torch's selective cache never reach those hooks; they are counted from
+the selective policy function, which sees each op's output. Forward hooks on the units say whose
+bytes they are. All of this state lives in one :class:`_SavedBytes` per call, so measurements
+cannot leak into each other or into training.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -29,32 +31,48 @@ class ActivationProbe:
 
 
 class _SavedBytes:
-    """Bytes of saved tensors by unit during one probe forward (each storage counted once)."""
+    """Saved tensors by unit during one probe forward; :meth:`count` sums their storages.
+
+    A tensor packed into a graph that the forward itself frees again (a memory layer's inner
+    gradient step) is not kept for backward, and the allocator may hand its storage to a later
+    tensor: so packed tensors are held weakly and counted only if still alive when the forward
+    has finished, each storage once. Outputs the selective cache keeps are held by the cache
+    under another tensor object, so they are held here until counted.
+    """
 
     def __init__(self, exclude: set[tuple]):
-        self.seen: set[tuple] = set(exclude)
-        self.per_unit: dict[str, int] = {}
+        self.exclude = exclude
+        self.saved: list[tuple[str, Callable[[], Tensor | None]]] = []
         self.units: list[str] = [""]   # "" = outside any unit
 
-    def add(self, t: Any) -> None:
-        if not isinstance(t, Tensor) or t.device.type == "meta":
-            return
-        st = t.untyped_storage()
-        key = (t.device, st.data_ptr())
-        if key in self.seen or st.nbytes() == 0:
-            return
-        self.seen.add(key)
-        unit = self.units[-1]
-        self.per_unit[unit] = self.per_unit.get(unit, 0) + st.nbytes()
+    def _keep(self, t: Any, strong: bool) -> None:
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            self.saved.append((self.units[-1], (lambda t=t: t) if strong else weakref.ref(t)))
+
+    def pack(self, t: Tensor) -> Tensor:
+        self._keep(t, strong=False)
+        return t
 
     def observe(self, out: Any) -> None:
         """An op output kept by torch's selective cache."""
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            self.add(t)
+            self._keep(t, strong=True)
 
-    def pack(self, t: Tensor) -> Tensor:
-        self.add(t)
-        return t
+    def count(self) -> dict[str, int]:
+        """{unit: bytes} of the saved storages alive now, each counted once, for the unit that saved it first."""
+        seen = set(self.exclude)
+        per_unit: dict[str, int] = {}
+        for unit, ref in self.saved:
+            t = ref()
+            if t is None:
+                continue
+            st = t.untyped_storage()
+            key = (t.device, st.data_ptr())
+            if key in seen or st.nbytes() == 0:
+                continue
+            seen.add(key)
+            per_unit[unit] = per_unit.get(unit, 0) + st.nbytes()
+        return per_unit
 
     def attribute(self, model: nn.Module, paths: Iterable[str]) -> list:
         """Forward hooks that make each unit's saves count for it; returns their handles."""
@@ -111,11 +129,12 @@ def measure_activations(model: nn.Module, step_fn: Callable[[nn.Module], Any],
         handles = probe.attribute(model, plan)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
             out = step_fn(model)
+        counted = probe.count()   # while ``out`` keeps the graph alive
         del out
     finally:
         for h in handles:
             h.remove()
         reinstall(model, before)
-    per_unit = {u: probe.per_unit.get(u, 0) for u in unit_paths}
-    outside = sum(v for k, v in probe.per_unit.items() if k not in per_unit)
+    per_unit = {u: counted.get(u, 0) for u in unit_paths}
+    outside = sum(v for k, v in counted.items() if k not in per_unit)
     return ActivationProbe(total=sum(per_unit.values()) + outside, per_unit=per_unit, outside=outside)
