@@ -119,6 +119,15 @@ def grads_under(policy):
 MIXED = {"blocks.0": "full", "blocks.1": "selective", "blocks.2.memory": "full", "blocks.2.attn": "selective"}
 
 
+def assert_in_effect(model, units):
+    """Each unit keeps other bytes than under "none", and the model keeps fewer in all: what a
+    test of equal gradients cannot see if a policy silently did nothing."""
+    now = measure_activations(model, step_fn, units=units)
+    none = measure_activations(model, step_fn, "none", units=units)
+    assert all(now.per_unit[u] != none.per_unit[u] for u in units), (now.per_unit, none.per_unit)
+    assert now.total < none.total
+
+
 @pytest.mark.parametrize("policy", ["full", "selective", MIXED])
 def test_policies_give_identical_gradients(policy):
     ref = grads_under(None)
@@ -126,6 +135,10 @@ def test_policies_give_identical_gradients(policy):
     assert ref.keys() == got.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+    model = make()
+    applied = apply_checkpointing(model, policy)
+    assert current_policies(model) == applied
+    assert_in_effect(model, list(applied))
 
 
 def test_wrapping_keeps_names_deepcopy_and_no_grad():
@@ -241,6 +254,7 @@ def test_component_units_and_per_component_budget():
     # the low-importance memory units are checkpointed before any trunk unit
     assert all(pol == "none" for u, pol in plan.policies.items() if not u.endswith("memory"))
     plan.apply(model)
+    assert measure_activations(model, step_fn, units=list(units)).total == plan.measured_bytes  # as applied
     torch.manual_seed(42)
     step_fn(model).backward()
     got = {n: p.grad for n, p in model.named_parameters()}

@@ -148,7 +148,9 @@ def test_selective_under_autocast_falls_back_to_torch_selective_checkpointing():
         none, sel = measure_activations(model, step, "none"), measure_activations(model, step, "selective")
         apply_checkpointing(model, "selective")
         assert "_RMSNormSwiGLUBackward" not in _graph_names(step(model))
+        assert measure_activations(model, step).total == sel.total   # as applied: the fallback saves
     assert sel.total < 0.8 * none.total
+    assert "_RMSNormSwiGLUBackward" in _graph_names(step(model))     # the same modules, fused in fp32
 
 
 def test_fused_output_is_not_a_view_and_double_backward_raises():
@@ -175,6 +177,7 @@ def test_every_component_gets_the_same_gradients_under_checkpointing(overrides, 
     model, step = _model_and_step(*overrides)
     ckpt = copy.deepcopy(model)
     apply_checkpointing(ckpt, policy)
+    assert measure_activations(ckpt, step).total < measure_activations(model, step).total   # in effect
     step(model).backward()
     step(ckpt).backward()
     for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):

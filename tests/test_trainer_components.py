@@ -7,7 +7,8 @@ from conftest import small_config
 from neatlm.cli import main
 from neatlm.config import ConfigError, apply_overrides, load_config
 from neatlm.data.corpus import BatchSampler
-from neatlm.grad.checkpointing import current_policies
+from neatlm.grad.checkpointing import current_policies, measure_activations
+from neatlm.nn.model import lm_loss
 from neatlm.train.metrics import read_metrics
 from neatlm.train.trainer import Trainer
 
@@ -56,6 +57,17 @@ def test_checkpointing_from_config_keeps_the_losses(corpus_dir, tmp_path, settin
     ckpt, losses = run("ckpt", [setting])
     assert ckpt.checkpointing.startswith("checkpointing:") and ckpt.checkpointing != "checkpointing: none"
     assert losses == pytest.approx(base_losses, rel=1e-6, abs=1e-6)
+    # the policy is in place and keeps fewer activations than none would on the same batch
+    policies = current_policies(ckpt.model)
+    assert set(policies) == {"blocks.0", "blocks.1"}
+    if "policy=" in setting:
+        assert set(policies.values()) == {setting.rpartition("=")[2]}
+    x, y = next(ckpt.data.validation(1))
+
+    def step(model):
+        return lm_loss(model(x)[0], y)
+
+    assert measure_activations(ckpt.model, step).total < measure_activations(ckpt.model, step, "none").total
 
 
 def test_budget_probe_leaves_the_training_stream_alone(corpus_dir, tmp_path, monkeypatch):
