@@ -172,8 +172,8 @@ def test_fused_output_is_not_a_view_and_double_backward_raises():
 @pytest.mark.parametrize("policy", ["selective", "full"])
 def test_every_component_gets_the_same_gradients_under_checkpointing(overrides, policy):
     """Each kind of mixer and channel mixer, checkpointed, gives the gradients of no checkpointing.
-    (Torch's selective path replays ops on cached GEMM outputs: an in-place update of one in a
-    component's forward made the memory gates' gradients wrong before this test existed.)"""
+    (Torch's selective path replays ops on cached GEMM outputs, so a component that updates one in
+    place in its forward would get wrong gradients there, e.g. for the memory gates.)"""
     model, step = _model_and_step(*overrides)
     ckpt = copy.deepcopy(model)
     apply_checkpointing(ckpt, policy)
