@@ -30,11 +30,11 @@ Usage::
 
 A unit's forward runs twice under ``"full"`` and torch's selective checkpointing (once more in
 backward), so it must not mutate module state in its forward; blocks that pass state in and out
-as values are fine.
-Torch's selective checkpointing allows one backward pass per region, so per-component losses
-(``GradientCoordinator.backward({...})``, one pass per component) need ``"full"`` or ``"none"``
-on the units they share where that is what runs; :class:`SelectiveBackwardError` names the unit. Apply policies before wrapping the model in DDP (paths are those of the
-bare model).
+as values are fine. Torch's selective checkpointing allows one backward pass per region, so
+per-component losses (``GradientCoordinator.backward({...})``, one pass per component) need
+``"full"`` or ``"none"`` on the units they share where that is what runs;
+:class:`SelectiveBackwardError` names the unit. Apply policies before wrapping the model in DDP
+(paths are those of the bare model).
 
 ``"full"`` and torch's selective policy replace the unit's ``forward`` on the instance; the fused
 swap replaces the module in its parent. Either way parameter names, state dicts and
@@ -51,6 +51,7 @@ from .policies import POLICIES, apply_checkpointing, current_policies, default_u
 from .selective import SAVE_OPS, SelectiveBackwardError
 
 __all__ = [
-    "POLICIES", "SAVE_OPS", "ActivationProbe", "SelectiveBackwardError", "CheckpointPlan", "apply_checkpointing", "choose_checkpointing",
-    "component_units", "current_policies", "default_units", "measure_activations", "remove_checkpointing",
+    "POLICIES", "SAVE_OPS", "ActivationProbe", "CheckpointPlan", "SelectiveBackwardError", "apply_checkpointing",
+    "choose_checkpointing", "component_units", "current_policies", "default_units", "measure_activations",
+    "remove_checkpointing",
 ]

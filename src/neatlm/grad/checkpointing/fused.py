@@ -46,7 +46,8 @@ class FusedModule(nn.Module):
 
     def __init__(self, original: nn.Module, fallback: Any):
         super().__init__()
-        if next(original.parameters(recurse=False), None) is not None or next(original.buffers(recurse=False), None) is not None:
+        # only children can be shared: a tensor held directly would be replaced on one side by .to()
+        if any(True for _ in original.parameters(recurse=False)) or any(True for _ in original.buffers(recurse=False)):
             raise ValueError(f"checkpointing: {type(original).__name__} holds tensors directly; it cannot be swapped")
         for name, child in original.named_children():
             self.add_module(name, child)
