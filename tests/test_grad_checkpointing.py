@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neatlm.grad.checkpointing import (
+    SelectiveBackwardError,
     apply_checkpointing,
     choose_checkpointing,
     component_units,
@@ -118,6 +119,15 @@ def grads_under(policy):
 MIXED = {"blocks.0": "full", "blocks.1": "selective", "blocks.2.memory": "full", "blocks.2.attn": "selective"}
 
 
+def assert_in_effect(model, units):
+    """Each unit keeps other bytes than under "none", and the model keeps fewer in all: what a
+    test of equal gradients cannot see if a policy silently did nothing."""
+    now = measure_activations(model, step_fn, units=units)
+    none = measure_activations(model, step_fn, "none", units=units)
+    assert all(now.per_unit[u] != none.per_unit[u] for u in units), (now.per_unit, none.per_unit)
+    assert now.total < none.total
+
+
 @pytest.mark.parametrize("policy", ["full", "selective", MIXED])
 def test_policies_give_identical_gradients(policy):
     ref = grads_under(None)
@@ -125,6 +135,10 @@ def test_policies_give_identical_gradients(policy):
     assert ref.keys() == got.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+    model = make()
+    applied = apply_checkpointing(model, policy)
+    assert current_policies(model) == applied
+    assert_in_effect(model, list(applied))
 
 
 def test_wrapping_keeps_names_deepcopy_and_no_grad():
@@ -172,6 +186,20 @@ def test_measured_bytes_match_a_hand_count():
     # relu(lin(x)).sum(): addmm saves x (input); relu saves its output (5x8 fp32)
     probe = measure_activations(lin, lambda m: torch.relu(m(x)).sum(), policy={}, units=[])
     assert probe.total == 2 * 5 * 8 * 4
+
+
+def test_tensors_saved_into_a_graph_the_forward_frees_are_not_counted():
+    """A memory layer's inner gradient step builds and frees a graph inside the forward: what it
+    saved is gone by backward (and its storage may be handed to a later tensor)."""
+    lin = nn.Linear(8, 8)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def step(m):
+        inner = torch.randn(7, 8, requires_grad=True)
+        torch.autograd.grad(torch.tanh(inner).sum(), inner)   # tanh saved its output; freed here
+        return torch.relu(m(x)).sum()
+
+    assert measure_activations(lin, step, policy={}, units=[]).total == 2 * 5 * 8 * 4
 
 
 def test_budget_picks_cheapest_fitting_plan_low_importance_first():
@@ -226,6 +254,7 @@ def test_component_units_and_per_component_budget():
     # the low-importance memory units are checkpointed before any trunk unit
     assert all(pol == "none" for u, pol in plan.policies.items() if not u.endswith("memory"))
     plan.apply(model)
+    assert measure_activations(model, step_fn, units=list(units)).total == plan.measured_bytes  # as applied
     torch.manual_seed(42)
     step_fn(model).backward()
     got = {n: p.grad for n, p in model.named_parameters()}
@@ -234,9 +263,13 @@ def test_component_units_and_per_component_budget():
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
-def test_isolated_backward_through_checkpointed_blocks(policy):
-    """Per-component losses re-run full-checkpointed regions once per loss; grads stay exact."""
+@pytest.mark.parametrize("policy", ["full", "selective", {"blocks.*.norm2": "selective"}],
+                         ids=["full", "selective", "selective-norms"])
+def test_isolated_backward_through_checkpointed_units(policy):
+    """Per-component losses run one backward each through the units they share. "full" replays a
+    unit once per loss, gradients exact. Torch's selective checkpointing hands its cached outputs
+    to one backward only: the second is refused with the fix, naming the unit. A unit where it
+    cached nothing (a norm has no matmul) is replayed per loss like "full"."""
     specs = parse_components({
         "memory": {"patterns": ["*.memory.*"], "importance": 0.1},
         "trunk": {"patterns": ["*"], "exclude": ["*.memory.*"]},
@@ -247,33 +280,37 @@ def test_isolated_backward_through_checkpointed_blocks(policy):
         model.eval()  # no dropout: the two losses below reuse one forward
         if policy is not None:
             apply_checkpointing(model, policy)
+        runs = []
+        model.blocks[0].attn.register_forward_hook(lambda *_: runs.append(1))
         coord = GradientCoordinator(model, specs)
         logits, state = model(IDX[:, :-1])
         la = F.cross_entropy(logits.flatten(0, 1), IDX[:, 1:].flatten())
         lb = sum(s.square().mean() for s in state) + logits.square().mean()
         coord.backward({"trunk": la, "memory": lb})
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(runs), model
 
-    if policy == "selective":  # torch's SAC allows one backward per region: a clear error
-        with pytest.raises(RuntimeError, match="use the 'full' or 'none' policy"):
+    if policy == "selective":
+        with pytest.raises(SelectiveBackwardError, match=r"reached blocks\.\d .* use the 'full' or 'none' policy"):
             isolated_grads(policy)
         return
-    ref, got = isolated_grads(None), isolated_grads(policy)
+    (ref, ref_runs, _), (got, runs, model) = isolated_grads(None), isolated_grads(policy)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=0, atol=0, msg=n)
+    # the policy took effect: fewer bytes kept, and under "full" blocks.0 ran again for each loss
+    assert measure_activations(model, step_fn).total < measure_activations(model, step_fn, "none").total
+    assert (ref_runs, runs) == (1, 3 if policy == "full" else 1)
 
 
 def test_custom_save_ops_are_kept_measured_and_exact():
-    from neatlm.grad.checkpointing import SAVE_OPS, checkpointing
+    from neatlm.grad.checkpointing import SAVE_OPS
 
     more = SAVE_OPS | {torch.ops.aten.silu.default}
     model = make()
     default = measure_activations(model, step_fn, "selective")
-    with checkpointing(model, "selective", save_ops=more):
-        wider = measure_activations(model, step_fn)  # measured as wrapped, custom ops included
-        torch.manual_seed(42)
-        step_fn(model).backward()
-    assert current_policies(model) == {}
+    apply_checkpointing(model, "selective", save_ops=more)
+    wider = measure_activations(model, step_fn)  # measured as wrapped, custom ops included
+    torch.manual_seed(42)
+    step_fn(model).backward()
     # each block also keeps silu's output: (3 x 15 tokens) x 64 fp32 per block
     assert wider.total - default.total == len(model.blocks) * 3 * 15 * 2 * D * 4
     ref = grads_under(None)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from neatlm.config import load_config
-from neatlm.grad.checkpointing import apply_checkpointing, measure_activations
+from neatlm.grad.checkpointing import apply_checkpointing, current_policies, measure_activations, remove_checkpointing
+from neatlm.grad.checkpointing.fused import FusedBlock, FusedSwiGLU
+from neatlm.nn.model import Block, SwiGLU
 from neatlm.nn.model import NeatLM
 from neatlm.ops.recompute import rms_norm, rms_norm_reference, rms_norm_swiglu, rms_norm_swiglu_reference
 
@@ -107,10 +109,37 @@ def test_selective_block_uses_fused_path_with_identical_gradients(overrides):
     loss.backward()
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert not any(getattr(b, "recompute_pointwise") for b in fused.blocks)   # on only during a call
+    assert all(isinstance(b, FusedBlock) for b in fused.blocks)
     none, sel = measure_activations(model, step, "none"), measure_activations(model, step, "selective")
     # with memory, the memory mixer (the bulk of the activations) keeps its own: a smaller saving
     assert sel.total < (0.97 if overrides else 0.8) * none.total
+
+
+def test_selective_swaps_modules_keeping_parameters_names_and_state_dicts():
+    model, step = _model_and_step()
+    blocks = list(model.blocks)
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_checkpointing(model, "selective")
+    assert [type(b) for b in model.blocks] == [FusedBlock, FusedBlock]
+    assert current_policies(model) == {"blocks.0": "selective", "blocks.1": "selective"}
+    assert dict(model.named_parameters()) == params               # the same Parameter objects
+    assert list(model.state_dict()) == list(state)
+    model.load_state_dict(state)                                  # a checkpoint of the plain model loads
+    model.eval()
+    assert not any(m.training for m in model.modules()) and not any(b.original.training for b in model.blocks)
+    model.train()
+    clone = copy.deepcopy(model)
+    assert isinstance(clone.blocks[0], FusedBlock) and clone.blocks[0].original.mixer is clone.blocks[0].mixer
+    remove_checkpointing(model)
+    assert list(model.blocks) == blocks and all(type(b) is Block for b in model.blocks)
+    assert current_policies(model) == {} and model.blocks[0].training
+    # a bare SwiGLU unit gets its own fused counterpart
+    apply_checkpointing(model, "selective", module_filter=["blocks.*.mlp"])
+    assert [type(b.mlp) for b in model.blocks] == [FusedSwiGLU, FusedSwiGLU]
+    assert "_RMSNormSwiGLUBackward" in _graph_names(step(model))
+    remove_checkpointing(model)
+    assert all(type(b.mlp) is SwiGLU for b in model.blocks)
 
 
 def test_selective_under_autocast_falls_back_to_torch_selective_checkpointing():
@@ -119,7 +148,9 @@ def test_selective_under_autocast_falls_back_to_torch_selective_checkpointing():
         none, sel = measure_activations(model, step, "none"), measure_activations(model, step, "selective")
         apply_checkpointing(model, "selective")
         assert "_RMSNormSwiGLUBackward" not in _graph_names(step(model))
+        assert measure_activations(model, step).total == sel.total   # as applied: the fallback saves
     assert sel.total < 0.8 * none.total
+    assert "_RMSNormSwiGLUBackward" in _graph_names(step(model))     # the same modules, fused in fp32
 
 
 def test_fused_output_is_not_a_view_and_double_backward_raises():
@@ -141,11 +172,12 @@ def test_fused_output_is_not_a_view_and_double_backward_raises():
 @pytest.mark.parametrize("policy", ["selective", "full"])
 def test_every_component_gets_the_same_gradients_under_checkpointing(overrides, policy):
     """Each kind of mixer and channel mixer, checkpointed, gives the gradients of no checkpointing.
-    (Torch's selective path replays ops on cached GEMM outputs: an in-place update of one in a
-    component's forward made the memory gates' gradients wrong before this test existed.)"""
+    (Torch's selective path replays ops on cached GEMM outputs, so a component that updates one in
+    place in its forward would get wrong gradients there, e.g. for the memory gates.)"""
     model, step = _model_and_step(*overrides)
     ckpt = copy.deepcopy(model)
     apply_checkpointing(ckpt, policy)
+    assert measure_activations(ckpt, step).total < measure_activations(model, step).total   # in effect
     step(model).backward()
     step(ckpt).backward()
     for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):

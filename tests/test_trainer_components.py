@@ -6,6 +6,9 @@ import torch
 from conftest import small_config
 from neatlm.cli import main
 from neatlm.config import ConfigError, apply_overrides, load_config
+from neatlm.data.corpus import BatchSampler
+from neatlm.grad.checkpointing import current_policies, measure_activations
+from neatlm.nn.model import lm_loss
 from neatlm.train.metrics import read_metrics
 from neatlm.train.trainer import Trainer
 
@@ -54,6 +57,28 @@ def test_checkpointing_from_config_keeps_the_losses(corpus_dir, tmp_path, settin
     ckpt, losses = run("ckpt", [setting])
     assert ckpt.checkpointing.startswith("checkpointing:") and ckpt.checkpointing != "checkpointing: none"
     assert losses == pytest.approx(base_losses, rel=1e-6, abs=1e-6)
+    # the policy is in place and keeps fewer activations than none would on the same batch
+    policies = current_policies(ckpt.model)
+    assert set(policies) == {"blocks.0", "blocks.1"}
+    if "policy=" in setting:
+        assert set(policies.values()) == {setting.rpartition("=")[2]}
+    x, y = next(ckpt.data.validation(1))
+
+    def step(model):
+        return lm_loss(model(x)[0], y)
+
+    assert measure_activations(ckpt.model, step).total < measure_activations(ckpt.model, step, "none").total
+
+
+def test_budget_probe_leaves_the_training_stream_alone(corpus_dir, tmp_path, monkeypatch):
+    cfg = apply_overrides(small_config(corpus_dir, tmp_path / "b", steps=1), ["checkpointing.memory_budget_mb=0.05"])
+
+    def untouchable(self):
+        raise AssertionError("the checkpointing probe read a training batch")
+
+    monkeypatch.setattr(BatchSampler, "next", untouchable)
+    trainer = Trainer(cfg)
+    assert trainer.sampler.position == 0 and current_policies(trainer.model)
 
 
 def test_guard_rolls_back_and_training_continues(corpus_dir, tmp_path):

@@ -278,16 +278,8 @@ class GradientCoordinator:
         for i, (name, loss, params) in enumerate(plan):
             keep = retain_graph or i < len(plan) - 1
             self._note_loss(loss, name)
-            try:
-                grads = torch.autograd.grad(loss / scale if scale != 1 else loss, params,
-                                            retain_graph=keep, allow_unused=True)
-            except RuntimeError as e:
-                if "backward an extra time" in str(e) and "selective" in str(e):
-                    raise RuntimeError(
-                        "backward: per-component losses run one backward pass per component, and torch's "
-                        "selective activation checkpointing allows only one backward per region; use the "
-                        "'full' or 'none' policy for blocks these losses share") from e
-                raise
+            grads = torch.autograd.grad(loss / scale if scale != 1 else loss, params,
+                                        retain_graph=keep, allow_unused=True)
             if all(g is None for g in grads):
                 raise ValueError(f"backward: the loss for component {name!r} does not reach any of its parameters")
             with torch.no_grad():

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..ops.recompute import rms_norm, rms_norm_swiglu
 from .attention import CausalSelfAttention
 from .memory import TTLControl
 from .memory_mixer import MemoryMixerState
@@ -59,19 +58,11 @@ def swiglu_hidden(dim: int, requested: int) -> int:
     return requested if requested > 0 else 16 * math.ceil(8 * dim / 3 / 16)
 
 
-def _fused_ok(x: Tensor) -> bool:
-    """The fused recompute path is fp32/fp64 only: under autocast the plain path does the casting."""
-    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
-
-
-def _eps(norm: nn.RMSNorm, x: Tensor) -> float:
-    return norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-
-
 class SwiGLU(nn.Module):
-    """``y, aux = mlp(x)``: down(silu(gate) * up), no auxiliary loss (None). ``recompute_pointwise``
-    (set by the "selective" checkpoint policy) switches to
-    :func:`neatlm.ops.recompute.rms_norm_swiglu`, which keeps half the activations."""
+    """``y, aux = mlp(x)``: down(silu(gate) * up), no auxiliary loss (None).
+
+    The "selective" checkpoint policy swaps in :class:`neatlm.grad.checkpointing.fused.FusedSwiGLU`
+    (the same computation as one fused op that keeps fewer activations)."""
 
     def __init__(self, dim: int, hidden: int, init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
@@ -79,11 +70,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
         nn.init.normal_(self.gate_up.weight, std=init_std)
         nn.init.normal_(self.down.weight, std=init_std * out_scale)
-        self.recompute_pointwise = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        if self.recompute_pointwise and _fused_ok(x):
-            return rms_norm_swiglu(x, None, self.gate_up.weight, self.down.weight, None), None
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up), None
 
@@ -130,24 +118,21 @@ def build_channel_mixer(cfg: Config) -> nn.Module:
 
 
 class Block(nn.Module):
+    """``x, state, aux = block(x, state, ttl)``: mixer and channel mixer as residual branches.
+
+    With a SwiGLU MLP, the "selective" checkpoint policy swaps in
+    :class:`neatlm.grad.checkpointing.fused.FusedBlock` (the same computation as fused ops that
+    keep fewer activations)."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.model.dim, eps=cfg.model.norm_eps)
         self.mixer = build_mixer(cfg)
         self.norm2 = nn.RMSNorm(cfg.model.dim, eps=cfg.model.norm_eps)
         self.mlp = build_channel_mixer(cfg)
-        if isinstance(self.mlp, SwiGLU):
-            # the "selective" checkpoint policy sets this: the norms and norm2 + SwiGLU run as fused
-            # ops that keep x, 1/rms and the gate_up output and recompute the pointwise ops in backward
-            self.recompute_pointwise = False
 
     def forward(self, x: Tensor, state: Any = None, ttl: TTLControl = TTLControl()) -> tuple[Tensor, Any, Tensor | None]:
         """(x, state, aux_loss) after this block."""
-        if getattr(self, "recompute_pointwise", False) and _fused_ok(x):
-            y, state = self.mixer(rms_norm(x, self.norm1.weight, _eps(self.norm1, x)), state, ttl)
-            x = x + y
-            w_gu, w_down = self.mlp.gate_up.weight, self.mlp.down.weight
-            return x + rms_norm_swiglu(x, self.norm2.weight, w_gu, w_down, _eps(self.norm2, x)), state, None
         y, state = self.mixer(self.norm1(x), state, ttl)
         x = x + y
         y, aux = self.mlp(self.norm2(x))

@@ -8,10 +8,10 @@ output (D + 1 + 2H) and rebuilds the rest in backward with pointwise ops; no mat
 recomputed. With the default H = 8/3 D that is half the MLP's activation memory for a few
 pointwise passes. :func:`rms_norm` keeps x and 1/rms instead of autograd's extra normalised copy.
 
-This is what the ``"selective"`` checkpoint policy does to a block (see
-:mod:`neatlm.grad.checkpointing`): torch's generic selective checkpointing reaches a similar
-saving but replays every op of the region under a Python dispatch mode, which costs far more
-at these sizes.
+This is what the ``"selective"`` checkpoint policy runs in a block (the fused modules of
+:mod:`neatlm.grad.checkpointing.fused`): torch's generic selective checkpointing reaches a
+similar saving but replays every op of the region under a Python dispatch mode, forward and
+backward, where these rebuild only the pointwise intermediates and replay no matmul.
 
 Both are first-order only (``once_differentiable``: a double backward raises instead of
 silently treating the rebuilt intermediates as constants). The ``*_reference`` functions are the

@@ -215,8 +215,9 @@ class Trainer:
         c, t = self.cfg.checkpointing, self.cfg.train
         units = component_units(self.model, specs) if c.units == "components" else None
         if c.memory_budget_mb > 0:
-            x, y = self.sampler.next()
-            self.sampler.position -= 1  # a peek: the probe must not move the data stream
+            # the probe needs only the shape of a training segment: a validation batch cut to it,
+            # so the training stream is never read
+            x, y = next(self.data.validation(1))
             x, y = x[self.rows, :t.seq_len].to(self.hw.device), y[self.rows, :t.seq_len].to(self.hw.device)
 
             def probe(model: torch.nn.Module) -> torch.Tensor:
