@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, from_dict, to_toml
 from ..data.source import build_data
-from ..data.synthetic import IGNORE
 from ..errors import CheckpointError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
 from ..hardware import detect
 from ..nn.memory import TTLControl
-from ..nn.model import NeatLM, lm_loss
+from ..nn.loss import lm_loss, scored_count
+from ..nn.model import NeatLM
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
@@ -160,7 +160,7 @@ class Trainer:
         statistics from the last segment).
         """
         t, reset = self.cfg.train, self.cfg.memory.reset
-        scored = int((y != IGNORE).sum())
+        scored = scored_count(y)
         state = self.carry if reset == "never" else None
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
