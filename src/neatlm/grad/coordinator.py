@@ -83,7 +83,7 @@ class GradientCoordinator:
         specs = specs if specs is not None else default_components()
         groups = assign_parameters(_unwrap(model), specs)
         self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg) for n, g in groups.items()}
-        self.monitor = GradMonitor(monitor_every)
+        self.monitor = GradMonitor(monitor_every, final_step=total_steps - 1)
         self.step_count = 0          # completed optimizer steps
         self.micro_step = 0          # backward calls since the last step()
         self._active: set[str] | None = None

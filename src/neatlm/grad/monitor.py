@@ -28,12 +28,17 @@ def _sq_sum(ts: list[Tensor]) -> Tensor:
 
 
 class GradMonitor:
-    """Cheap per-component statistics; ``every`` sets which steps are logged (0, every, 2*every...)."""
+    """Cheap per-component statistics on logged steps: 0, every, 2*every... and ``final_step``.
 
-    def __init__(self, every: int = 1, history: int = 256):
+    :meth:`is_log_step` is the schedule of logged steps for whoever records them (the trainer
+    asks it too), so that the gradient the next logged step compares with is always kept.
+    """
+
+    def __init__(self, every: int = 1, history: int = 256, final_step: int | None = None):
         if every < 1:
             raise ValueError(f"monitor every = {every!r}: must be >= 1")
         self.every = every
+        self.final_step = final_step
         self._prev: dict[str, list[Tensor]] = {}
         self.angle_history: dict[str, deque[float]] = {}
         self._history = history
@@ -41,7 +46,8 @@ class GradMonitor:
         self._pending: dict[str, Tensor] = {}
 
     def is_log_step(self, step: int) -> bool:
-        return step % self.every == 0
+        """Whether optimizer step ``step`` (0-based: completed steps before it) is logged."""
+        return step % self.every == 0 or step == self.final_step
 
     # called by the coordinator around one component's optimizer step
     def before_update(self, name: str, params: list[Tensor], grads: list[Tensor], log: bool, keep: bool) -> None:

@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
+from .objective import StepObjective
 from .state_io import detach_state, flatten_state, unflatten_state
 
 
@@ -73,11 +74,12 @@ class Trainer:
         # during TTL warmup the memory gates get no gradient: DDP must be told some may be unused
         self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None,
                              find_unused_parameters=cfg.ttl.warmup_steps > 0) if self.dist.enabled else self.model
+        # one backward per segment of every micro-batch, weighted by the step objective alone
+        # (the coordinator is told accum_steps=1 so that it does not scale the losses again)
+        self.objective = StepObjective(t.accum_steps, t.segments)
         try:
-            # one backward per segment of every micro-batch; objectives are scaled to match
-            self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps,
-                                             accum_steps=t.accum_steps * t.segments, guard=cfg.guard,
-                                             monitor_every=t.log_every)
+            self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps, accum_steps=1,
+                                             guard=cfg.guard, monitor_every=t.log_every)
         except ValueError as exc:  # orphan or doubly claimed parameters
             raise ConfigError(str(exc)) from None
         self.carry = None  # model state kept across steps when memory.reset = "never"
@@ -151,33 +153,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, last_window: bool,
+    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, micro: int,
                          ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """Forward and backward one micro-batch window as consecutive segments.
+        """Forward and backward micro-batch ``micro``'s window as consecutive segments.
 
         Memory state is carried between segments and detached (truncated backprop), so the graph
         never spans more than one segment. Returns (summed loss, scored tokens, the model's
         statistics from the last segment).
         """
-        t, reset = self.cfg.train, self.cfg.memory.reset
+        segments, reset = self.objective.segments, self.cfg.memory.reset
         scored = scored_count(y)
         state = self.carry if reset == "never" else None
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
-        for i, (xs, ys) in enumerate(zip(x.chunk(t.segments, dim=1), y.chunk(t.segments, dim=1))):
+        for i, (xs, ys) in enumerate(zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1))):
             if reset == "batch":
                 state = None
-            last = last_window and i == t.segments - 1
-            # DDP all-reduces gradients once per optimizer step, on the last backward
-            sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
-            with sync:
+            # DDP all-reduces the gradients once per optimizer step, in the step's last backward
+            last = self.objective.is_last(micro, i)
+            with nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync():
                 with self.hw.autocast():
                     out = self.ddp_model(xs, state, ttl)
                     loss_sum = lm_loss(out.logits, ys, reduction="sum")
-                    # the coordinator divides by accum_steps * segments: this sums to the window mean
-                    objective = loss_sum * t.segments / max(scored, 1)
-                    if out.aux_loss is not None:
-                        objective = objective + out.aux_loss
+                    objective = self.objective.term(loss_sum, scored, out.aux_loss)
                 self.coord.backward(objective)
             state = detach_state(out.state)
             stats = out.stats or stats
@@ -186,13 +184,19 @@ class Trainer:
             self.carry = state
         return total, scored, stats
 
-    def train_step(self, log: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    def is_log_step(self) -> bool:
+        """Whether the next step is recorded: the monitor's schedule (steps 1, 1 + log_every, ...
+        and the last), the one place this is decided."""
+        return self.coord.monitor.is_log_step(self.step)
+
+    def train_step(self, log: bool | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step over ``accum_steps`` micro-batches.
 
         Returns (mean loss, coordinator stats: per-component norms, learning rates, skips and,
-        on ``log`` steps, update ratios and gradient cosines).
+        on logged steps, update ratios and gradient cosines). ``log`` overrides the schedule.
         """
         t, dev = self.cfg.train, self.hw.device
+        log = self.is_log_step() if log is None else log
         total, scored = torch.zeros((), device=dev), 0
         # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
         ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
@@ -200,7 +204,7 @@ class Trainer:
         for micro in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
-            loss_sum, n, window_stats = self._backward_window(x, y, micro == t.accum_steps - 1, ttl)
+            loss_sum, n, window_stats = self._backward_window(x, y, micro, ttl)
             total += loss_sum
             scored += n
             model_stats = window_stats or model_stats
@@ -208,7 +212,7 @@ class Trainer:
         self.coord.zero_grad()
         stats.update({k: v.item() for k, v in model_stats.items()})  # from the last segment's forward
         self.step += 1
-        return all_reduce_mean(total / max(scored, 1), self.dist), stats
+        return all_reduce_mean(self.objective.mean_loss(total, scored), self.dist), stats
 
     def _apply_checkpointing(self, specs: list[ComponentSpec]) -> str:
         """Apply ``[checkpointing]`` to the model; returns a one-line report for ``neat train``."""
@@ -252,8 +256,7 @@ class Trainer:
         started = window_start
         try:
             while self.step < end:
-                # records at steps 1, 1 + log_every, ... (the coordinator's monitor steps) and the last
-                log = self.step % t.log_every == 0 or self.step + 1 == end
+                log = self.is_log_step()
                 loss, stats = self.train_step(log=log)
                 window_steps += 1
                 if log:
