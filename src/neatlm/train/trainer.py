@@ -248,7 +248,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
         metrics = MetricsWriter(self.run_dir) if main else None
-        tokens_per_step = t.batch_size * t.seq_len * t.accum_steps
+        tokens_per_step = t.batch_size * t.seq_len * t.segments * t.accum_steps  # a window is segments * seq_len
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
                    dynamic_ncols=True)
         last: dict[str, float] = {}
