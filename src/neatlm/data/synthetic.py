@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..nn.loss import IGNORE_INDEX
+from .corpus import _position
 
 
 def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: int | None = None,
@@ -63,3 +64,10 @@ class MQARSampler:
                            seed=self.seed * 1_000_003 + self.position)
         self.position += 1
         return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler's whole state: batch ``position`` is next (the rest comes from the config)."""
+        return {"position": self.position}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.position = _position(sd["position"])
