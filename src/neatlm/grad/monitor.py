@@ -18,6 +18,7 @@ Everything a logged step needs is reduced on the device and moved to the host in
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,6 +86,20 @@ class GradMonitor:
                 name = k.split("/")[1]
                 self.angle_history.setdefault(name, deque(maxlen=self._history)).append(v)
         return out
+
+    # checkpoints: the gradient kept for the next logged step's cosine, and the cosine history
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": {n: [g.clone() for g in gs] for n, gs in self._prev.items()},
+                "angle_history": {n: list(h) for n, h in self.angle_history.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        prev, history = sd["prev"], sd["angle_history"]
+        if not isinstance(prev, dict) or not all(isinstance(g, Tensor) for gs in prev.values() for g in gs):
+            raise ValueError("monitor state: the kept gradients are not lists of tensors")
+        self._prev = {n: list(gs) for n, gs in prev.items()}
+        self.angle_history = {n: deque((float(v) for v in h), maxlen=self._history) for n, h in history.items()}
+        self._before.clear()
+        self._pending.clear()
 
     def forget(self, name: str) -> None:
         """Drop the stored gradient of a component (after a skipped step)."""
