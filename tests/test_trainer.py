@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,27 +40,46 @@ def test_checkpoint_layout_and_keep_last(corpus_dir, tmp_path):
     found = ckpt.list_checkpoints(tmp_path / "r")
     assert [p.name for p in found] == ["step_0000006", "step_0000008"]
     last = found[-1]
-    assert {p.name for p in last.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
+    assert {p.name for p in last.iterdir()} == {"model.safetensors", "optimizer.pt", "extra.safetensors", "state.json"}
     torch.load(last / "optimizer.pt", weights_only=True)
     state = json.loads((last / "state.json").read_text())
-    assert state["step"] == 8 and state["sampler_position"] == 8 and "torch" in state["rng"]
+    assert state["schema"] == ckpt.SCHEMA and state["step"] == 8
+    assert state["hardware"] == {"device": "cpu", "precision": "fp32"} and state["config"]["train"]["steps"] == 8
+    states = state["states"]
+    assert states["sampler"] == {"position": 8} and states["progress"]["step"] == 8
+    assert states["rng"]["torch"] == {"__tensor__": "rng/torch"}  # tensors live in extra.safetensors
+    assert states["carry"]["structure"] == {"value": None}
+    assert set(state["files"]) == {"model.safetensors", "optimizer.pt", "extra.safetensors"}
     assert (tmp_path / "r" / "config.toml").is_file()
 
 
-def test_crash_during_save_keeps_previous_checkpoint(corpus_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["torch.save", "save_file"])
+def test_full_disk_during_save_keeps_previous_checkpoint(corpus_dir, tmp_path, monkeypatch, writer):
     trainer = Trainer(small_config(corpus_dir, tmp_path / "r"))
     trainer.train(until_step=4)
     good = ckpt.list_checkpoints(tmp_path / "r")[-1]
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    real = ckpt.torch.save if writer == "torch.save" else ckpt.save_file
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def full_disk(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        real(obj, f, *args, **kwargs)
+        with open(f, "r+b") as handle:
+            handle.truncate(10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    if writer == "torch.save":
+        monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    else:
+        monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(CheckpointError) as err:
         trainer.train(until_step=6)
     monkeypatch.undo()
+    message = str(err.value)
+    assert "No space left on device" in message and str(good) in message and "--resume" in message
+    assert "\n" not in message
     assert ckpt.list_checkpoints(tmp_path / "r") == [good]
-    ckpt.load_checkpoint(tmp_path / "r")  # still loadable
+    assert [p.name for p in ckpt.checkpoint_root(tmp_path / "r").iterdir()] == [good.name]  # no partial dir
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert Trainer.resume(tmp_path / "r").step == 4
 
 

@@ -2,8 +2,12 @@
 
 ``Trainer(cfg).train()`` trains from scratch; ``Trainer.resume(run_dir).train()`` continues
 from the latest checkpoint with the saved config. On CPU the losses after a resume equal those
-of an uninterrupted run bit for bit: weights, optimizer and guard state, RNG states, carried
-memory state and the sampler position are restored, and learning rates are functions of the step.
+of an uninterrupted run bit for bit, and so do the logged metric keys: every object that carries
+state across steps saves itself (``state_dict()`` / ``load_state_dict()``) and :meth:`Trainer.save`
+hands them to the checkpoint by name (see :meth:`Trainer.stateful`): the weights, the coordinator
+(optimizers, guard, gradient monitor), the trainer's progress, the data sampler, the carried
+model state and the RNG. Learning rates are functions of the step, and the precision that
+``train.precision = "auto"`` measured is recorded and reused.
 
 Two levels of optimisation: the inner loop (memory fast weights) runs inside the model's forward;
 the outer loop is backprop through the :class:`~neatlm.grad.coordinator.GradientCoordinator`,
@@ -12,10 +16,10 @@ which owns every component's optimizer, schedule, clipping and NaN guard.
 
 from __future__ import annotations
 
-import base64
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,41 +29,61 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, from_dict, to_toml
 from ..data.source import build_data
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
 from ..hardware import detect
-from ..nn.memory import TTLControl
 from ..nn.loss import lm_loss, scored_count
+from ..nn.memory import TTLControl
 from ..nn.model import NeatLM
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
 from .objective import StepObjective
-from .state_io import detach_state, flatten_state, unflatten_state
+from .state_io import CarriedState, RNGState, detach_state
 
 
-def _encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
+@dataclass
+class TrainProgress:
+    """The trainer's own counters: completed steps, best validation loss, training time so far."""
 
+    step: int = 0
+    best_val: float = math.inf
+    elapsed_s: float = 0.0
 
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best_val": self.best_val, "elapsed_s": self.elapsed_s}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        step, best, elapsed = sd["step"], sd["best_val"], sd.get("elapsed_s", 0.0)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step {step!r} is not a step count")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (best, elapsed)):
+            raise ValueError("best_val and elapsed_s must be numbers")
+        self.step, self.best_val, self.elapsed_s = step, float(best), float(elapsed)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: ckpt.Checkpoint | None = None):
         self.cfg = cfg
         t = cfg.train
         self.run_dir = Path(run_dir or t.run_dir)
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.hw = detect(t.device, t.precision, probe_size=cfg.model.dim * 2)
+        # a resumed run keeps the device type and precision it resolved (and measured) before
+        recorded = _resume_from.hardware if _resume_from is not None else None
+        self.hw = detect(t.device, t.precision, probe_size=cfg.model.dim * 2, recorded=recorded)
         self.dist = init_distributed(self.hw.device.type)
         if self.dist.enabled and self.hw.device.type == "cuda":
             self.hw.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and self.hw.timings:  # measured on every rank: all follow rank 0
+            import torch.distributed as tdist
+
+            choice = [self.hw.precision]
+            tdist.broadcast_object_list(choice, src=0)
+            self.hw.precision = choice[0]
         self.rows = self.dist.rows(t.batch_size)
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
@@ -82,45 +106,55 @@ class Trainer:
                                              guard=cfg.guard, monitor_every=t.log_every)
         except ValueError as exc:  # orphan or doubly claimed parameters
             raise ConfigError(str(exc)) from None
-        self.carry = None  # model state kept across steps when memory.reset = "never"
-        self.step = 0
-        self.best_val = float("inf")
+        self.progress = TrainProgress()
+        self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
             self._restore(_resume_from)
 
-    # ------------------------------------------------------------------ resume
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def best_val(self) -> float:
+        return self.progress.best_val
+
+    @property
+    def carry(self) -> Any:
+        return self.carried.value
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def stateful(self) -> dict[str, ckpt.Stateful]:
+        """Everything a checkpoint holds, by name; each object saves and restores itself."""
+        return {
+            "model": self.model,
+            "optimizer": ckpt.StateFunctions(lambda: self.coord.state_dict(include_backups=True),
+                                             self.coord.load_state_dict),
+            "progress": self.progress,
+            "sampler": self.sampler,
+            "carry": self.carried,
+            "rng": RNGState(),
+        }
 
     @classmethod
     def resume(cls, path: str | Path, overrides: list[str] | None = None) -> "Trainer":
         """Continue the run in ``path`` (a run dir or one of its checkpoint dirs) with its saved config."""
         from ..config import apply_overrides, validate
 
-        ckpt_dir = ckpt.resolve(path)
-        _, _, state, _ = ckpt.load_checkpoint(ckpt_dir)  # verify before building anything
-        cfg = from_dict(state["config"])
+        found = ckpt.read_checkpoint(path)  # verify everything before building anything
+        cfg = from_dict(found.config)
         if overrides:
             apply_overrides(cfg, overrides)
             validate(cfg)
-        return cls(cfg, run_dir=ckpt_dir.parent.parent, _resume_from=ckpt_dir)
+        return cls(cfg, run_dir=found.path.parent.parent, _resume_from=found)
 
-    def _restore(self, ckpt_dir: Path) -> None:
-        model_tensors, optim_state, state, extra = ckpt.load_checkpoint(ckpt_dir)
-        missing, unexpected = self.model.load_state_dict(model_tensors, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{ckpt_dir}/model.safetensors does not match the config "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        try:
-            self.coord.load_state_dict(optim_state)
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{ckpt_dir}/optimizer.pt does not match the components: {exc}") from None
-        self.step = state["step"]
-        self.best_val = state.get("best_val", float("inf"))
-        self.sampler.position = state["sampler_position"]
-        if state.get("carry") is not None:
-            self.carry = unflatten_state(state["carry"], extra, self.hw.device)
-        torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
-        if torch.cuda.is_available() and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
+    def _restore(self, found: ckpt.Checkpoint) -> None:
+        found.restore(self.stateful())
         if self.dist.is_main:
             truncate_after(self.run_dir, self.step)
 
@@ -137,17 +171,10 @@ class Trainer:
         if not self.dist.is_main:
             barrier(self.dist)
             return None
-        rng = {"torch": _encode_rng(torch.get_rng_state())}
-        if torch.cuda.is_available():
-            rng["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
-        state = {"config": self.cfg.to_dict(), "sampler_position": self.sampler.position, "rng": rng,
-                 "best_val": self.best_val, "device": str(self.hw.device), "precision": self.hw.precision}
-        optim = self.coord.state_dict(include_backups=True)
-        extra: dict[str, torch.Tensor] = {}
-        if self.carry is not None:  # memory that persists across batches is part of the run's state
-            state["carry"], extra = flatten_state(self.carry)
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), optim, state,
-                                    keep_last=self.cfg.train.keep_last, extra_tensors=extra)
+        meta = {"config": self.cfg.to_dict(),
+                "hardware": {"device": self.hw.device.type, "precision": self.hw.precision}}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.stateful(), keep_last=self.cfg.train.keep_last,
+                                    meta=meta)
         barrier(self.dist)
         return path
 
@@ -163,7 +190,7 @@ class Trainer:
         """
         segments, reset = self.objective.segments, self.cfg.memory.reset
         scored = scored_count(y)
-        state = self.carry if reset == "never" else None
+        state = self.carried.value if reset == "never" else None
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
         for i, (xs, ys) in enumerate(zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1))):
@@ -181,7 +208,7 @@ class Trainer:
             stats = out.stats or stats
             total += loss_sum.detach()
         if reset == "never":
-            self.carry = state
+            self.carried.value = state
         return total, scored, stats
 
     def is_log_step(self) -> bool:
@@ -253,7 +280,7 @@ class Trainer:
                    dynamic_ncols=True)
         last: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
-        started = window_start
+        started = window_start - self.progress.elapsed_s  # training time carries over a resume
         try:
             while self.step < end:
                 log = self.is_log_step()
@@ -276,13 +303,15 @@ class Trainer:
                 if (e.every and self.step % e.every == 0) or self.step == t.steps:
                     val = {**self.evaluate(), "elapsed_s": time.perf_counter() - started}
                     self._check_finite("validation loss", val["val_loss"])
-                    self.best_val = min(self.best_val, val["val_loss"])
+                    self.progress.best_val = min(self.best_val, val["val_loss"])
                     last.update(val)
                     if metrics:
                         metrics.write(self.step, val)
-                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, val_bpb {val['val_bpb']:.4f}")
+                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, "
+                                  f"val_bpb {val['val_bpb']:.4f}")
                     window_start = time.perf_counter()  # do not charge evaluation to tokens/s
                 if self.step % t.save_every == 0 or self.step == end:
+                    self.progress.elapsed_s = time.perf_counter() - started
                     self.save()
                     window_start = time.perf_counter()
                 bar.update(1)
