@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, from_dict, to_toml
 from ..data.source import build_data
-from ..errors import TrainingDiverged
+from ..errors import NeatError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
@@ -43,6 +43,10 @@ from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
 from .objective import StepObjective
 from .state_io import CarriedState, RNGState, detach_state
+
+
+class RunDirectoryInUse(NeatError):
+    """A new run was pointed at a directory that already holds a run."""
 
 
 @dataclass
@@ -65,11 +69,24 @@ class TrainProgress:
         self.step, self.best_val, self.elapsed_s = step, float(best), float(elapsed)
 
 
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run must not mix its metrics and checkpoints into an earlier run's."""
+    if ckpt.list_checkpoints(run_dir):
+        raise RunDirectoryInUse(f"{run_dir} already holds a run: continue it with `neat train --resume {run_dir}` "
+                                "or choose another --run-dir")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        raise RunDirectoryInUse(f"{run_dir} already holds the metrics of a run that wrote no checkpoint: choose "
+                                f"another --run-dir, or delete {run_dir} to start over")
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: ckpt.Checkpoint | None = None):
         self.cfg = cfg
         t = cfg.train
         self.run_dir = Path(run_dir or t.run_dir)
+        if _resume_from is None:
+            refuse_existing_run(self.run_dir)
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         # a resumed run keeps the device type and precision it resolved (and measured) before
@@ -300,7 +317,7 @@ class Trainer:
                                     tok_s=f"{last['tokens_per_s']:.0f}")
                     window_steps = 0
                     window_start = time.perf_counter()
-                if (e.every and self.step % e.every == 0) or self.step == t.steps:
+                if self.data.has_validation and ((e.every and self.step % e.every == 0) or self.step == t.steps):
                     val = {**self.evaluate(), "elapsed_s": time.perf_counter() - started}
                     self._check_finite("validation loss", val["val_loss"])
                     self.progress.best_val = min(self.best_val, val["val_loss"])
