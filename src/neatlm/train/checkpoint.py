@@ -141,7 +141,7 @@ def _replace(tmp: Path, final: Path) -> None:
         final.rename(old)
     try:
         tmp.rename(final)
-    except OSError:
+    except BaseException:
         if old is not None:
             old.rename(final)
         raise
@@ -193,6 +193,9 @@ def save_checkpoint(run_dir: str | Path, step: int, states: Mapping[str, Statefu
             "no earlier checkpoint exists"
         raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or exc}; nothing was written, "
                               f"{kept}") from None
+    except BaseException:  # e.g. a second Ctrl-C: no partial directory is left behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for stale in list_checkpoints(run_dir)[:-keep_last]:
         try:
             shutil.rmtree(stale)

@@ -9,6 +9,11 @@ hands them to the checkpoint by name (see :meth:`Trainer.stateful`): the weights
 model state and the RNG. Learning rates are functions of the step, and the precision that
 ``train.precision = "auto"`` measured is recorded and reused.
 
+SIGINT (Ctrl-C) and SIGTERM stop training between steps: the current step finishes, a
+checkpoint is written, and :class:`TrainingInterrupted` says how to resume. A second signal
+gets the previous behaviour at once (Ctrl-C: KeyboardInterrupt; SIGTERM: exit); checkpoints
+are written atomically, so that cannot corrupt one.
+
 Two levels of optimisation: the inner loop (memory fast weights) runs inside the model's forward;
 the outer loop is backprop through the :class:`~neatlm.grad.coordinator.GradientCoordinator`,
 which owns every component's optimizer, schedule, clipping and NaN guard.
@@ -17,6 +22,9 @@ which owns every component's optimizer, schedule, clipping and NaN guard.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,6 +53,16 @@ from .objective import StepObjective
 from .state_io import CarriedState, RNGState, detach_state
 
 
+class TrainingInterrupted(NeatError):
+    """Training stopped on a signal after writing a checkpoint. ``exit_code`` is 128 + the signal
+    number (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class RunDirectoryInUse(NeatError):
     """A new run was pointed at a directory that already holds a run."""
 
@@ -67,6 +85,39 @@ class TrainProgress:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (best, elapsed)):
             raise ValueError("best_val and elapsed_s must be numbers")
         self.step, self.best_val, self.elapsed_s = step, float(best), float(elapsed)
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM set ``signum`` (the loop checks it between steps); a second signal restores
+    the handlers that were there before and is delivered to them. A signal the process ignores
+    (e.g. SIGINT of a background job) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
+        for s in self.SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            os.write(2, f"neat: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                        "(again to quit at once)\n".encode())
+            return
+        self.uninstall()
+        signal.raise_signal(signum)
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def refuse_existing_run(run_dir: Path) -> None:
@@ -283,8 +334,18 @@ class Trainer:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
                         self.hw.device, self.hw.autocast(), accuracy=self.data.task == "mqar")
 
+    def _stop_requested(self, stop: _StopRequests) -> bool:
+        """Whether a signal asked to stop; under DDP, whether any rank got one (all stop together)."""
+        flag = stop.signum is not None
+        if self.dist.enabled:
+            flag = bool(all_reduce_mean(torch.tensor(float(flag), device=self.hw.device), self.dist) > 0)
+        return flag
+
     def train(self, until_step: int | None = None) -> dict[str, float]:
-        """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there)."""
+        """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there).
+
+        Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM, once a checkpoint is written.
+        """
         t, e = self.cfg.train, self.cfg.eval
         end = t.steps if until_step is None else min(until_step, t.steps)
         main = self.dist.is_main  # only rank 0 writes files and shows progress
@@ -298,7 +359,9 @@ class Trainer:
         last: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         started = window_start - self.progress.elapsed_s  # training time carries over a resume
+        stop = _StopRequests()
         try:
+            stop.install()
             while self.step < end:
                 log = self.is_log_step()
                 loss, stats = self.train_step(log=log)
@@ -327,12 +390,20 @@ class Trainer:
                         bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, "
                                   f"val_bpb {val['val_bpb']:.4f}")
                     window_start = time.perf_counter()  # do not charge evaluation to tokens/s
-                if self.step % t.save_every == 0 or self.step == end:
+                stopping = self._stop_requested(stop) and self.step < end  # at the end: just finish
+                if self.step % t.save_every == 0 or self.step == end or stopping:
                     self.progress.elapsed_s = time.perf_counter() - started
-                    self.save()
+                    path = self.save()
                     window_start = time.perf_counter()
                 bar.update(1)
+                if stopping:
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
+                    where = f"checkpoint {path} written" if path else "checkpoint written"
+                    raise TrainingInterrupted(f"training stopped by {name} after step {self.step}; {where}; "
+                                              f"continue with `neat train --resume {self.run_dir}`",
+                                              stop.signum or signal.SIGTERM)
         finally:
+            stop.uninstall()
             bar.close()
             if metrics:
                 metrics.close()
