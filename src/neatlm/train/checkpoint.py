@@ -324,8 +324,8 @@ def _join(obj: Any, tensors: Mapping[str, torch.Tensor], file: Path) -> Any:
     return obj
 
 
-def _from_schema_1(doc: dict[str, Any], extra: dict[str, torch.Tensor], file: Path) -> tuple[dict, dict, dict]:
-    """(states, hardware, extra) of a checkpoint written before schema versions."""
+def _from_schema_1(doc: dict[str, Any], extra: dict[str, torch.Tensor], file: Path) -> tuple[dict, dict]:
+    """(states, hardware) of a checkpoint written before schema versions."""
     import base64
 
     def rng(text: Any) -> torch.Tensor:
@@ -342,7 +342,7 @@ def _from_schema_1(doc: dict[str, Any], extra: dict[str, torch.Tensor], file: Pa
         raise CheckpointError(f"{file}: no {exc} entry (an incomplete checkpoint)") from None
     except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise CheckpointError(f"{file}: malformed ({_first_line(exc)})") from None
-    return states, hardware, {}
+    return states, hardware
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -405,7 +405,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     check_weights(_model_of_config(doc["config"], state_file), model, ckpt / MODEL_FILE,
                   "the model of the saved config")
     if schema == 1:
-        states, hardware, extra = _from_schema_1(doc, extra, state_file)
+        states, hardware = _from_schema_1(doc, extra, state_file)
     else:
         states, hardware = doc.get("states"), doc.get("hardware", {})
         if not isinstance(states, dict) or not all(isinstance(v, dict) for v in states.values()):
