@@ -169,6 +169,7 @@ def save_checkpoint(run_dir: str | Path, step: int, states: Mapping[str, Statefu
     small = {name: _split(obj.state_dict(), name, extra) for name, obj in states.items()
              if name not in ("model", "optimizer")}
     previous = list_checkpoints(run_dir)
+    renamed = False
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
@@ -185,8 +186,12 @@ def save_checkpoint(run_dir: str | Path, step: int, states: Mapping[str, Statefu
             _fsync(f)
         _fsync(tmp)
         _replace(tmp, final)
+        renamed = True
         _fsync(root)
     except OSError as exc:
+        if renamed:  # in place: only the sync of the directory failed
+            raise CheckpointError(f"checkpoint {final} was written but not synced to disk "
+                                  f"({exc.strerror or exc})") from None
         shutil.rmtree(tmp, ignore_errors=True)
         kept = (f"the last checkpoint ({previous[-1]}) is intact: resume from it with "
                 f"`neat train --resume {Path(run_dir)}` once the problem is fixed") if previous else \
