@@ -1,15 +1,20 @@
-"""NaN/Inf guard: skip, exact rollback, lr cut, event, continue; K failures in a row stop."""
+"""Divergence guard: skip, exact undo and rollback, lr cut, event, continue; K failures in a row stop."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from neatlm.grad.components import parse_components
+from neatlm.grad.components import ComponentSpec, parse_components
 from neatlm.grad.coordinator import GradientCoordinator
 from neatlm.grad.guard import GuardConfig, TrainingDiverged
+from neatlm.train import checkpoint as ckpt
+from neatlm.train.trainer import Trainer
 
+from conftest import small_config
 from test_grad_coordinator import SPECS, data, lm, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +80,9 @@ def test_k_failures_in_a_row_raise_with_message():
     train_step(coord, model, 0, poison="trunk")
     train_step(coord, model, 1)                 # a good step resets the count
     train_step(coord, model, 2, poison="trunk")
-    with pytest.raises(TrainingDiverged, match=r"component 'trunk': non-finite gradients in 2 consecutive steps"):
+    with pytest.raises(TrainingDiverged, match=r"component 'trunk' diverged: 2 steps in a row rejected \(steps 3-4; "
+                       r"the last because the gradient norm is nan\).*Try a lower learning rate \(train\.lr or "
+                       r"components\.trunk\.lr\)"):
         train_step(coord, model, 3, poison="trunk")
 
 
@@ -103,3 +110,140 @@ def test_guard_config_validation():
         GuardConfig(lr_factor=0.0)
     with pytest.raises(ValueError, match="max_failures"):
         GuardConfig(max_failures=0)
+    with pytest.raises(ValueError, match=r"guard\.max_growth = 1\.0: must be >= 2"):
+        GuardConfig(max_growth=1.0)
+
+
+# ----------------------------------------------------------------------------- diverging updates
+
+def opt_state(coord, name):
+    """A deep copy of a component's optimizer states."""
+    return [{p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in o.state.items()}
+            for o in coord.components[name].optimizers]
+
+
+def same_state(a, b):
+    return all(pa is pb and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k])
+                                                          else sa[k] == sb[k] for k in sa)
+               for x, y in zip(a, b) for (pa, sa), (pb, sb) in zip(x.items(), y.items()))
+
+
+def set_lr(coord, name, lr):
+    for o in coord.components[name].optimizers:
+        for g in o.param_groups:
+            g["base_lr"] = lr
+
+
+def test_exploding_update_is_undone_exactly_and_counts_as_failure():
+    model = make()
+    coord = GradientCoordinator(model, parse_components(SPECS), guard=GuardConfig(max_failures=2, backup_every=1))
+    for t in range(3):
+        train_step(coord, model, t)
+    params, state = snapshot(coord.params("memory")), opt_state(coord, "memory")
+    trunk = snapshot(coord.params("trunk"))
+    set_lr(coord, "memory", 1e6)   # finite weights, but Adam moves each by ~1e6: norm x ~1e7
+    stats = train_step(coord, model, 3)
+    assert stats["grad/memory/rejected"] == 1.0 and "grad/memory/nonfinite" not in stats
+    assert stats["grad/memory/lr"] == 0.0 and stats["grad/memory/skipped"] == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(coord.params("memory"), params))
+    assert same_state(opt_state(coord, "memory"), state)   # moments and step counts untouched
+    assert any(not torch.equal(p, q) for p, q in zip(coord.params("trunk"), trunk))   # trunk stepped
+    (event,) = coord.pop_events()
+    assert event["event"] == "exploding_update" and event["step"] == 4 and event["growth"] > 1e6
+    assert event["rolled_back_to"] is None   # the undo restores the last accepted state: no further back
+    with pytest.raises(TrainingDiverged, match=r"component 'memory' diverged: 2 steps in a row rejected "
+                       r"\(steps 4-5; the last because the update multiplied the parameter norm by .* \(above "
+                       r"guard\.max_growth = 100\)\); its parameters are those after step 3"):
+        train_step(coord, model, 4)
+    assert all(torch.equal(p, q) for p, q in zip(coord.params("memory"), params))
+    assert same_state(opt_state(coord, "memory"), state)
+
+
+def test_rejected_first_step_leaves_no_optimizer_state():
+    model = make()
+    coord = GradientCoordinator(model, parse_components(SPECS))
+    set_lr(coord, "trunk", 1e30)
+    before = snapshot(coord.params("trunk"))
+    stats = train_step(coord, model, 0)
+    assert stats["grad/trunk/rejected"] == 1.0 and "grad/memory/rejected" not in stats
+    assert coord.pop_events()[0]["event"] == "nonfinite_params"   # 1e30 weights: the norm overflows
+    assert all(torch.equal(p, q) for p, q in zip(coord.params("trunk"), before))
+    assert all(len(o.state) == 0 for o in coord.components["trunk"].optimizers)
+
+
+def test_growth_rule_does_not_apply_to_all_zero_parameters():
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    holder = torch.nn.Module()
+    holder.w = w
+    coord = GradientCoordinator(holder, [ComponentSpec("w", lr=0.1, schedule="constant")])
+    (w.sum() * 1.0).backward()
+    stats = coord.step()
+    assert "grad/w/rejected" not in stats and torch.all(w != 0)
+
+
+def test_nonfinite_loss_is_rejected_even_with_finite_gradients():
+    model = make()
+    coord = GradientCoordinator(model, parse_components(SPECS))
+    before = snapshot(model.parameters())
+    x, y = data()
+    coord.backward(lm(model, x, y) + torch.tensor(float("inf")))   # the inf reaches no parameter
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    stats = coord.step()
+    assert stats["grad/trunk/nonfinite"] == 1.0 and stats["grad/memory/nonfinite"] == 1.0
+    assert [e["event"] for e in coord.pop_events()] == ["nonfinite_loss", "nonfinite_loss"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    coord.zero_grad()
+    x, y = data(seed=2)   # per-component losses: only the component whose loss is not finite fails
+    loss = lm(model, x, y)
+    coord.backward({"trunk": loss, "memory": loss * float("nan")})
+    stats = coord.step()
+    assert "grad/trunk/rejected" not in stats and stats["grad/memory/rejected"] == 1.0
+
+
+def test_each_rejected_step_logs_one_line_and_prints_nothing(caplog, capsys):
+    model = make()
+    coord = GradientCoordinator(model, parse_components(SPECS), guard=GuardConfig(backup_every=0))
+    set_lr(coord, "memory", 1e30)
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        train_step(coord, model, 0)
+        train_step(coord, model, 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("\n" not in m for m in lines)
+    assert lines[1] == ("neatlm guard: component 'memory', step 2 rejected: the update made the parameter norm inf; "
+                        "update undone, lr scale now 0.25 (2 of guard.max_failures = 3 in a row)")
+    assert capsys.readouterr().out == ""
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+def test_trainer_with_huge_lr_stops_and_keeps_only_accepted_weights(corpus_dir, tmp_path):
+    """lr 1e30 without clipping: once every step was accepted and pushed the weights to 1e28 while
+    every other step failed, so the run ended "successfully" with exploded checkpoints."""
+    cfg = small_config(corpus_dir, tmp_path / "run", steps=20, save_every=1, grad_clip=0.0)
+    cfg.eval.every = 0
+    trainer = Trainer(cfg)
+    trainer.train(until_step=2)   # two accepted steps at a sane lr
+    accepted = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    set_lr(trainer.coord, "all", 1e30)
+    with pytest.raises(TrainingDiverged, match=r"component 'all' diverged: 3 steps in a row rejected \(steps 3-5;.*"
+                       r"its parameters are those after step 2"):
+        trainer.train()
+    assert trainer.coord.step_count == 2 + cfg.guard.max_failures   # stopped at the third rejected step
+    assert all(torch.equal(p, accepted[n]) for n, p in trainer.model.named_parameters())
+    saved = ckpt.list_checkpoints(tmp_path / "run")
+    loaded = [ckpt.load_checkpoint(d) for d in saved]
+    assert [state["step"] for _, _, state, _ in loaded] == [3, 4]   # keep_last = 2; none after step 5
+    for tensors, *_ in loaded:   # the rejected steps' checkpoints hold the accepted weights
+        assert all(torch.equal(tensors[n], accepted[n]) for n in accepted)
+
+
+def test_trainer_lr_1e30_from_the_start_stops_with_initial_weights(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, tmp_path / "run", steps=20, lr=1e30, grad_clip=0.0)
+    trainer = Trainer(cfg)
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match=r"component 'all' diverged: 3 steps in a row rejected \(steps 1-3; "
+                       r"the last because the update made the parameter norm inf\); its parameters are the initial "
+                       r"ones"):
+        trainer.train()
+    assert all(torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
+    assert ckpt.list_checkpoints(tmp_path / "run") == []

@@ -97,3 +97,19 @@ def test_eval_no_grad_still_learns(combine):
         _, s = mixer(_x(9))
     w0 = mixer.memory.initial_weights()
     assert all((w - w_0).abs().max() > 1e-3 for w, w_0 in zip(s.memory.weights, w0))
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_bf16_autocast_keeps_the_inner_loop_in_fp32(combine):
+    torch.manual_seed(0)
+    cfg = MemoryConfig(enabled=True, combine=combine, heads=2, chunk_size=4)
+    mixer = build_memory_mixer(DIM, cfg, CausalSelfAttention(DIM, 2, window=5), combine)
+    x = torch.randn(2, 11, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = mixer(x)
+    assert state.memory.weights[0].dtype == torch.float32        # fast weights never round to bf16
+    y.float().square().mean().backward()
+    assert all(p.grad is not None for p in mixer.memory.parameters())
+    with torch.no_grad():
+        y32, _ = mixer(x)
+    assert (y.float() - y32).abs().max() < 0.05                  # bf16 attention and projections only

@@ -89,3 +89,11 @@ def test_generate_is_seeded_and_greedy_matches_argmax():
     for _ in range(5):  # re-running the whole prefix gives the same greedy bytes
         seq = torch.cat([seq, model(seq[None])[0][0, -1].argmax().view(1)])
     assert torch.equal(seq[len(prompt):], greedy)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature=-1.0), dict(top_k=-1), dict(max_new=-1)])
+def test_generate_refuses_bad_arguments(kw):
+    args = dict(max_new=3, temperature=1.0, top_k=0) | kw
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        generate(tiny(), torch.tensor(list(b"ab")), **args)

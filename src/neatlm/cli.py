@@ -1,29 +1,137 @@
 """The ``neat`` command. Each subcommand is a thin call into the package.
 
-Errors a user can cause (bad config, missing files, corrupted checkpoints) print one line and
-exit with code 2; argparse usage errors exit with 2 as well.
+Every input is checked before any work starts, and a bad one prints one line naming the flag, key
+or file and what is allowed, then exits with code 2 (never a traceback). Two kinds of checks, one
+way each:
+
+- a flag's value (a count, a finite float, UTF-8 text): an argparse ``type=`` function below that
+  raises ``argparse.ArgumentTypeError``; argparse names the flag;
+- a path or saved state (a run directory, a writable output directory, a readable file): a
+  ``_check_*`` function below, called at the top of the subcommand, that raises ``NeatError``.
+
+Config keys are checked by ``neatlm.config``; corpora and checkpoints by the modules that read them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
-from .errors import NeatError
+from .errors import CheckpointError, NeatError
+
+# ---------------------------------------------------------------------------- value checks (type=)
+
+
+def _text(value: str) -> str:
+    """Any text, as long as it is valid UTF-8 (argv bytes that are not arrive as surrogate escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(value)  # the bytes as given
+        raise argparse.ArgumentTypeError(f"{raw!r} is not valid UTF-8 (pass UTF-8 text)") from None
+    return value
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(value: str) -> int:
+        try:
+            number = int(_text(value).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            allowed = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {number}")
+        return number
+
+    return parse
+
+
+def _finite_float(low: float, inclusive: bool):
+    def parse(value: str) -> float:
+        try:
+            number = float(_text(value).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number) or number < low or (number == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                             f"got {value.strip()}")
+        return number
+
+    return parse
+
+
+_count = _int_at_least(0)
+_positive = _int_at_least(1)
+_seed = _int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+# ---------------------------------------------------------------------------- path checks (NeatError)
+
+
+def _check_dir(flag: str, path: str | Path, what: str = "directory") -> Path:
+    """An existing, readable directory."""
+    path = Path(path)
+    if not path.exists():
+        raise NeatError(f"{flag} {path}: no such {what}")
+    if not path.is_dir():
+        raise NeatError(f"{flag} {path}: is a file, not a {what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise NeatError(f"{flag} {path}: the {what} is not readable")
+    return path
+
+
+def _check_file(flag: str, path: str | Path) -> Path:
+    """An existing, readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise NeatError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise NeatError(f"{flag} {path}: is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise NeatError(f"{flag} {path}: the file is not readable")
+    return path
+
+
+def _check_writable_dir(flag: str, path: str | Path) -> Path:
+    """A directory that exists and is writable, or that can be created (its nearest existing parent is)."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise NeatError(f"{flag} {path}: is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise NeatError(f"{flag} {path}: the directory is not writable")
+        return path
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NeatError(f"{flag} {path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NeatError(f"{flag} {path}: cannot be created, {parent} is not writable")
+    return path
+
+
+def _check_config_args(args: argparse.Namespace) -> None:
+    if args.config is not None:
+        _check_file("--config", args.config)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="a shipped preset (see `neat presets`); default: tiny")
-    p.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file applied after the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    p.add_argument("--preset", type=_text, default=None, help="a shipped preset (see `neat presets`); default: tiny")
+    p.add_argument("--config", type=_text, default=None, metavar="FILE.toml",
+                   help="a TOML file applied after the preset")
+    p.add_argument("--set", dest="overrides", type=_text, action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value (repeatable)")
 
 
 def _load(args: argparse.Namespace):
     from .config import load_config
 
+    _check_config_args(args)
     preset = args.preset if args.preset is not None or args.config is not None else "tiny"
     return load_config(preset, args.config, args.overrides)
 
@@ -31,13 +139,20 @@ def _load(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import Trainer
 
-    if args.resume:
-        if args.preset or args.config:
-            raise NeatError("--resume continues with the run's saved config; drop --preset/--config "
-                            "(use --set to change a value)")
-        trainer = Trainer.resume(args.resume, args.overrides)
+    if args.resume is not None:
+        if args.preset or args.config or args.run_dir:
+            raise NeatError("--resume continues the run in its own directory with its saved config; drop "
+                            "--preset/--config/--run-dir (use --set to change a value)")
+        resume = _check_dir("--resume", args.resume, "run or checkpoint directory")
+        # a checkpoint directory (it holds state.json) lives in RUN_DIR/checkpoints/
+        _check_writable_dir("--resume", resume.parent.parent if (resume / "state.json").is_file() else resume)
+        trainer = Trainer.resume(resume, args.overrides)
     else:
         cfg = _load(args)
+        if args.run_dir is not None:
+            _check_writable_dir("--run-dir", args.run_dir)
+        else:
+            _check_writable_dir("train.run_dir =", cfg.train.run_dir)
         trainer = Trainer(cfg, run_dir=args.run_dir)
     from .train.distributed import shutdown
 
@@ -59,15 +174,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_run(run: str):
-    """Model and config from a run directory or a checkpoint directory."""
+    """Model and config from a run directory or a checkpoint directory (``--run``)."""
     from .config import from_dict
     from .nn.model import NeatLM
     from .train import checkpoint as ckpt
 
+    _check_dir("--run", run, "run or checkpoint directory")
     tensors, _, state, _ = ckpt.load_checkpoint(run)
+    saved = ckpt.resolve(run) / "state.json"
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{saved}: has no saved config")
     cfg = from_dict(state["config"])
     model = NeatLM(cfg)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{saved.parent / 'model.safetensors'} does not match the config in {saved} "
+                              f"({first})") from None
     return model, cfg
 
 
@@ -76,10 +200,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .nn.model import generate
 
-    if args.max_bytes < 0:
-        raise NeatError(f"--max-bytes {args.max_bytes}: must be >= 0")
-    if args.top_k < 0:
-        raise NeatError(f"--top-k {args.top_k}: must be >= 0")
     model, _ = _load_run(args.run)
     prompt = torch.tensor(list(args.prompt.encode("utf-8")) or [10], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
@@ -115,8 +235,6 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     from .nn.model import NeatLM
 
     cfg = _load(args)
-    if args.samples < 1 or args.seq_len < 2 or args.batch < 1:
-        raise NeatError("--samples, --batch must be >= 1 and --seq-len >= 2")
     torch.manual_seed(args.seed)
     model = NeatLM(cfg)
     x = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1),
@@ -130,6 +248,8 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .train.sweep import plan, results_table, run_sweep
 
+    _check_config_args(args)
+    _check_writable_dir("--out", args.out)
     preset = args.preset if args.preset is not None or args.config is not None else "tiny"
     points = plan(args.grid, preset, args.config, args.overrides)  # validates every point first
     print(f"neat: sweep of {len(points)} runs into {args.out}", file=sys.stderr)
@@ -141,7 +261,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .train.plot import plot_run
 
-    for path in plot_run(args.run):
+    run = _check_dir("RUN_DIR", args.run, "run directory")
+    _check_writable_dir("RUN_DIR", run / "plots")
+    for path in plot_run(run):
         print(path)
     return 0
 
@@ -160,50 +282,59 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (argparse prints the whole usage first), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neat", description="Train and use test-time-learning language models.")
+    parser = _Parser(prog="neat", description="Train and use test-time-learning language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (default: tiny preset on the Python stdlib sources)")
     _add_config_args(p)
-    p.add_argument("--run-dir", default=None, help="override train.run_dir")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--run-dir", type=_text, default=None, help="override train.run_dir")
+    p.add_argument("--resume", type=_text, default=None, metavar="RUN_DIR",
+                   help="continue a run from its latest checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample bytes from a trained run")
-    p.add_argument("--run", required=True, metavar="RUN_DIR")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-bytes", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", type=_text, required=True, metavar="RUN_DIR")
+    p.add_argument("--prompt", type=_text, default="def ", help="UTF-8 text")
+    p.add_argument("--max-bytes", type=_count, default=200, help="bytes to sample (>= 0)")
+    p.add_argument("--temperature", type=_finite_float(0.0, inclusive=True), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_count, default=0, help="0 = no top-k filtering")
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="validation bits per byte of a trained run")
-    p.add_argument("--run", required=True, metavar="RUN_DIR")
-    p.add_argument("--batches", type=int, default=0, help="0 = eval.batches of the run's config")
+    p.add_argument("--run", type=_text, required=True, metavar="RUN_DIR")
+    p.add_argument("--batches", type=_count, default=0, help="0 = eval.batches of the run's config")
     p.add_argument("--task", choices=("text", "mqar"), default=None,
                    help="text: validation bits per byte; mqar: query accuracy (default: the run's task)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("gradcheck", help="check every parameter's gradient against central differences")
     _add_config_args(p)
-    p.add_argument("--samples", type=int, default=4, help="entries checked per parameter tensor")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--tolerance", type=float, default=1e-5, help="largest relative error accepted")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=_positive, default=4, help="entries checked per parameter tensor")
+    p.add_argument("--batch", type=_positive, default=2)
+    p.add_argument("--seq-len", type=_int_at_least(2), default=32)
+    p.add_argument("--tolerance", type=_finite_float(0.0, inclusive=False), default=1e-5,
+                   help="largest relative error accepted (> 0)")
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_gradcheck)
 
     p = sub.add_parser("sweep", help="train over a grid of config values and tabulate the results")
     _add_config_args(p)
-    p.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2,...",
+    p.add_argument("--grid", type=_text, action="append", required=True, metavar="SECTION.KEY=V1,V2,...",
                    help="values to sweep for one key (repeatable: the grid is the product)")
-    p.add_argument("--out", default="runs/sweep", help="directory for the runs and results.md")
+    p.add_argument("--out", type=_text, default="runs/sweep", help="directory for the runs and results.md")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
-    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("run", type=_text, metavar="RUN_DIR")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("presets", help="list the shipped presets")
@@ -216,11 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``neat``; return the exit code (0 ok, 1 a check failed, 2 bad input, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except NeatError as exc:
-        print(f"neat: error: {exc}", file=sys.stderr)
+        print(f"neat: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neat: interrupted", file=sys.stderr)

@@ -253,10 +253,14 @@ def preset_names() -> list[str]:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory (expected a .toml file)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
@@ -300,6 +304,30 @@ def validate(cfg: Config) -> None:
     if cfg.memory.reset == "never" and m.window == 0:
         raise ConfigError("memory.reset = 'never': needs model.window > 0 (state carried forever would keep an "
                           "ever-growing full-attention cache)")
+    mem = cfg.memory
+    if mem.enabled and mem.reset in ("sequence", "batch"):
+        # the memory steps at the end of each chunk and only later tokens read the result: a training
+        # window (the tokens a state lives for) no longer than a chunk never reads an update, so the
+        # memory never learns (with reset = "never" the state, and its updates, carry across steps)
+        if mem.reset == "sequence" and t.seq_len * t.segments <= mem.chunk_size:
+            raise ConfigError(f"memory.chunk_size = {mem.chunk_size}: must be < train.seq_len * train.segments = "
+                              f"{t.seq_len} * {t.segments} = {t.seq_len * t.segments} with memory.reset = 'sequence' "
+                              "(no memory update is read inside a training window, so the memory never learns); "
+                              "shorten the chunk, lengthen the window or set memory.reset = 'never'")
+        if mem.reset == "batch" and t.seq_len <= mem.chunk_size:
+            raise ConfigError(f"memory.chunk_size = {mem.chunk_size}: must be < train.seq_len = {t.seq_len} with "
+                              "memory.reset = 'batch', which restarts the memory at every segment (no memory update "
+                              "is read inside a segment, so the memory never learns); shorten the chunk, lengthen "
+                              "train.seq_len or set memory.reset = 'sequence'")
+    if mem.enabled and not mem.detach_output and mem.chunk_size % t.seq_len == 0:
+        # truncated backprop detaches the state between forwards; when every chunk ends exactly at
+        # the end of a forward, its update is first read in a later forward, so no outer gradient
+        # ever reaches what wrote it (measured: exactly zero for to_k, to_v and the gates)
+        raise ConfigError(f"memory.chunk_size = {mem.chunk_size}: a multiple of train.seq_len = {t.seq_len}, so "
+                          "every memory update falls at the end of a forward, where truncated backprop detaches "
+                          "the state, and the memory's keys, values and gates never get a gradient; use a seq_len "
+                          "longer than the chunk or one that does not divide it (memory.detach_output = true "
+                          "trains the read path only, by design)")
     d = cfg.data
     if d.task == "mqar":
         queries = d.mqar_queries or d.mqar_pairs

@@ -85,6 +85,11 @@ class GradCheckReport:
 def check_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn = default_loss,
                     samples: int = 4, eps: float = 1e-6, tolerance: float = 1e-5, seed: int = 0) -> GradCheckReport:
     """Check every trainable parameter of ``model`` (left untouched: a float64 copy is used)."""
+    if samples < 1:
+        raise ValueError(f"samples = {samples!r}: must be >= 1")
+    for name, value in (("eps", eps), ("tolerance", tolerance)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} = {value!r}: must be a finite number > 0")
     model64 = copy.deepcopy(model).to(torch.float64)
     model64.train()
     params = [(n, p) for n, p in model64.named_parameters() if p.requires_grad]

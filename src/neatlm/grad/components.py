@@ -206,8 +206,8 @@ def assign_parameters(model: nn.Module, specs: list[ComponentSpec]) -> dict[str,
                          f"{_list(doubles)}")
     empty = [n for n, g in groups.items() if not g.params]
     if empty:
-        raise ConfigError(f"components: {', '.join(empty)} matched no trainable parameter "
-                         f"(patterns {[list(groups[n].spec.patterns) for n in empty]})")
+        raise ConfigError("components: " + "; ".join(f"{n} (patterns {', '.join(groups[n].spec.patterns)})"
+                                                     for n in empty) + " matched no trainable parameter")
     return groups
 
 

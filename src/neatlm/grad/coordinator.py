@@ -1,12 +1,12 @@
-"""GradientCoordinator: one object that owns backward, clipping, optimizers and schedules.
+"""GradientCoordinator: one object that owns backward, clipping, the divergence guard, optimizers,
+schedules and, in a data-parallel run, the averaging of gradients over processes.
 
     coord = GradientCoordinator(model, parse_components(cfg_table), total_steps=2000, accum_steps=2)
     for step in range(2000):
         for micro in range(2):
-            with coord.no_sync():                      # DDP: skip the all-reduce on early micro-steps
-                logits, _ = model(x[micro])
-                coord.backward(lm_loss(logits, y[micro]))           # every component
-        stats = coord.step()                           # clip, guard, optimizer, schedule, monitors
+            logits = model(x[micro]).logits
+            coord.backward(lm_loss(logits, y[micro]))           # every component
+        stats = coord.step()        # average over processes, clip, guard, optimizer, schedule, monitors
         coord.zero_grad()
 
 Per-component losses from one forward graph::
@@ -21,15 +21,40 @@ Test-time adaptation of one component::
 
     with coord.only("memory"):         # every other parameter has requires_grad=False here
         coord.backward(loss); coord.step(); coord.zero_grad()
+
+Every step goes through the guard (:mod:`neatlm.grad.guard`): a component whose loss or gradient
+is not finite does not step, one whose update makes its parameters non-finite or explode has the
+update undone exactly (parameters and optimizer state), and ``guard.max_failures`` rejected steps
+in a row raise :class:`TrainingDiverged`. To undo a step the coordinator keeps one copy of each
+component's parameters and optimizer state, on their device. Stats of a rejected step:
+``grad/<c>/rejected`` = 1 (and ``grad/<c>/nonfinite`` = 1 when the loss or gradient was not finite).
+
+Data parallelism (``torchrun``): when ``torch.distributed`` is initialised with more than one
+process at construction, the coordinator broadcasts the model's parameters and floating-point
+buffers from rank 0, so every replica starts equal, and ``step()`` averages every parameter's
+gradient over the processes in one all-reduce of a flattened bucket (one per device and dtype)
+before anything else. A parameter without a gradient counts as zeros; one without a gradient on
+every process keeps none, so its optimizer skips it exactly as in one process. Each process runs
+its forwards and backwards as in a single process (any number per step, any state carried between
+them, any parameters unused) and calls ``step()`` once per optimizer step like the others; the
+guard decides on averaged values only, so every process accepts or rejects the same steps.
+
+This replaces DistributedDataParallel, whose reducer assumes one forward per backward and a fixed
+set of used parameters, and fails when a memory's state is carried between forwards (segments,
+``memory.reset = "never"``), during TTL warmup, or when no memory chunk completes in a sequence.
+Pass the bare model. A DDP-wrapped model is still accepted (its ``module`` is used): its reducer
+is switched off (``require_backward_grad_sync = False``), so gradients are averaged once, here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .components import ComponentParams, ComponentSpec, assign_parameters, build_optimizers, default_components
@@ -43,30 +68,111 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _by_device_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (one broadcast per device and dtype)."""
+    for idx in _by_device_dtype(tensors).values():
+        ts = [tensors[i] for i in idx]
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _copy_state(src: Mapping[str, Any], into: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state, reusing the tensors of ``into`` where they fit."""
+    out: dict[str, Any] = {}
+    for k, v in src.items():
+        if isinstance(v, Tensor):
+            old = into.get(k) if into else None
+            if isinstance(old, Tensor) and old.shape == v.shape and old.dtype == v.dtype and old.device == v.device:
+                out[k] = old.copy_(v)
+            else:
+                out[k] = v.detach().clone()
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 class _Component:
-    def __init__(self, group: ComponentParams, guard_cfg: GuardConfig):
+    def __init__(self, group: ComponentParams, guard_cfg: GuardConfig, verbose: bool):
         self.group = group
         self.spec: ComponentSpec = group.spec
         self.name = group.name
         self.params = group.params
         self.optimizers = build_optimizers(group)
-        self.guard = ComponentGuard(self.name, self.params, guard_cfg)
+        self.guard = ComponentGuard(self.name, self.params, guard_cfg, verbose=verbose)
         self.lr = self.spec.lr
+        self._undo_params: list[Tensor] | None = None
+        self._undo_state: list[dict[Tensor, dict[str, Any]]] | None = None
 
     def grads(self) -> tuple[list[Tensor], list[Tensor]]:
         ps = [p for p in self.params if p.grad is not None]
         return ps, [p.grad for p in ps]
 
+    @torch.no_grad()
+    def save_undo(self) -> None:
+        """Copy the parameters and the optimizer state before a step (the copies are reused)."""
+        if self._undo_params is None:
+            self._undo_params = [p.detach().clone() for p in self.params]
+        else:
+            for b, p in zip(self._undo_params, self.params):
+                b.copy_(p.detach())
+        previous = self._undo_state or [{} for _ in self.optimizers]
+        self._undo_state = [{p: _copy_state(st, prev.get(p)) for p, st in opt.state.items()}
+                            for opt, prev in zip(self.optimizers, previous)]
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Restore what :meth:`save_undo` copied: the step never happened."""
+        assert self._undo_params is not None and self._undo_state is not None
+        for b, p in zip(self._undo_params, self.params):
+            p.copy_(b)
+        for opt, saved in zip(self.optimizers, self._undo_state):
+            for p in [p for p in opt.state if p not in saved]:   # state the step created
+                del opt.state[p]
+            for p, st in saved.items():
+                cur = opt.state[p]
+                for k in [k for k in cur if k not in st]:
+                    del cur[k]
+                for k, v in st.items():
+                    now = cur.get(k)
+                    if isinstance(v, Tensor) and isinstance(now, Tensor) and now.shape == v.shape \
+                            and now.dtype == v.dtype and now.device == v.device:
+                        now.copy_(v)
+                    else:
+                        cur[k] = v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+
+
+def _param_norm(params: list[Tensor]) -> Tensor:
+    return torch.nn.utils.get_total_norm([p.detach() for p in params], 2.0).float()
+
 
 class GradientCoordinator:
-    """Backward, clipping, NaN guard, optimizers and schedules for a model's components.
+    """Backward, clipping, divergence guard, optimizers and schedules for a model's components.
 
     Args:
-        model: the model (may be wrapped in DistributedDataParallel).
+        model: the model (a DistributedDataParallel wrapper is accepted, see the module docstring).
         specs: component specs; ``None`` = one AdamW component ``all``.
         total_steps: optimizer steps of the run (the cosine schedules end there).
-        accum_steps: micro-batches per optimizer step; ``backward`` divides losses by it.
-        guard: NaN/Inf guard settings (:class:`GuardConfig`).
+        accum_steps: backward calls per optimizer step; ``backward`` divides losses by it.
+        guard: divergence guard settings (:class:`GuardConfig`).
         monitor_every: steps between the costlier monitors (update ratio, gradient cosine).
     """
 
@@ -80,15 +186,23 @@ class GradientCoordinator:
         self.total_steps = total_steps
         self.accum_steps = accum_steps
         self.guard_cfg = guard or GuardConfig()
+        self.rank, self.world = _process_group()
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = False   # its reducer stays idle: step() averages
+        bare = _unwrap(model)
         specs = specs if specs is not None else default_components()
-        groups = assign_parameters(_unwrap(model), specs)
-        self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg) for n, g in groups.items()}
+        groups = assign_parameters(bare, specs)
+        self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg, verbose=self.rank == 0)
+                                                  for n, g in groups.items()}
         self.monitor = GradMonitor(monitor_every, final_step=total_steps - 1)
         self.step_count = 0          # completed optimizer steps
         self.micro_step = 0          # backward calls since the last step()
         self._active: set[str] | None = None
-        self._manual_reduce = False
         self._events: list[dict[str, Any]] = []
+        self._loss_bad: Tensor | None = None   # per component: a non-finite loss since the last step
+        if self.world > 1:
+            _broadcast_from_rank0([p for p in bare.parameters()] +
+                                  [b for b in bare.buffers() if b.is_floating_point()])
 
     # ------------------------------------------------------------------------------ queries
     @property
@@ -130,8 +244,20 @@ class GradientCoordinator:
         if isinstance(loss, Mapping):
             self._backward_isolated(loss, scale, retain_graph)
         else:
+            self._note_loss(loss, None)
             (loss / scale if scale != 1 else loss).backward(retain_graph=retain_graph)
         self.micro_step += 1
+
+    def _note_loss(self, loss: Tensor, name: str | None) -> None:
+        """Remember (on the device, without a sync) whether ``loss`` is finite, for the guard."""
+        bad = torch.logical_not(torch.isfinite(loss.detach()).all()).float()
+        if self._loss_bad is None:
+            self._loss_bad = torch.zeros(len(self.components), device=bad.device)
+        if name is None:
+            self._loss_bad = torch.maximum(self._loss_bad, bad)
+        else:
+            i = list(self.components).index(name)
+            self._loss_bad[i] = torch.maximum(self._loss_bad[i], bad)
 
     def _backward_isolated(self, losses: Mapping[str, Tensor], scale: int, retain_graph: bool) -> None:
         if not losses:
@@ -148,11 +274,10 @@ class GradientCoordinator:
             if not isinstance(loss, Tensor) or not loss.requires_grad:
                 raise ValueError(f"backward: loss for component {name!r} does not require grad")
             plan.append((name, loss, params))
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            self._manual_reduce = True
         seen: set[int] = set()
         for i, (name, loss, params) in enumerate(plan):
             keep = retain_graph or i < len(plan) - 1
+            self._note_loss(loss, name)
             try:
                 grads = torch.autograd.grad(loss / scale if scale != 1 else loss, params,
                                             retain_graph=keep, allow_unused=True)
@@ -182,33 +307,57 @@ class GradientCoordinator:
 
     @contextlib.contextmanager
     def no_sync(self, always: bool = False) -> Iterator[None]:
-        """For a DDP-wrapped model: ``model.no_sync()`` unless this is the last micro-step.
+        """Does nothing; kept for callers written for DistributedDataParallel. Gradients are
+        averaged over processes once per optimizer step, in :meth:`step`, whatever the number of
+        backward calls before it."""
+        yield
 
-        Put the forward and ``backward`` of each micro-step inside it. With per-component
-        losses (a dict for ``backward``) under DDP pass ``always=True``: the coordinator then
-        all-reduces the gradients itself in ``step()``.
-        """
-        model = self.model
-        if isinstance(model, nn.parallel.DistributedDataParallel) and (
-                always or self.micro_step < self.accum_steps - 1):
-            with model.no_sync():
-                yield
-        else:
-            yield
-
-    def _all_reduce(self) -> None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
-        for c in self.components.values():
-            for p in c.params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
+    @torch.no_grad()
+    def _average_gradients(self, flags: Tensor) -> Tensor:
+        """Replace every parameter's gradient by its mean over the processes (a missing gradient
+        counts as zeros; missing on every process stays missing). ``flags`` (float32) are summed
+        over the processes in the same all-reduce; returns the sums."""
+        params = [p for c in self.components.values() for p in c.params]
+        groups = _by_device_dtype(params)
+        home = (flags.device, torch.float32)   # presence of each gradient and the flags travel here
+        groups.setdefault(home, [])
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=flags.device)
+        buckets = {}
+        for key, idx in groups.items():
+            sizes = [params[i].numel() for i in idx]
+            tail = [present, flags] if key == home else []
+            bucket = torch.zeros(sum(sizes) + sum(t.numel() for t in tail), device=key[0], dtype=key[1])
+            offset = 0
+            for i, n in zip(idx, sizes):
+                if params[i].grad is not None:
+                    bucket[offset:offset + n].copy_(params[i].grad.reshape(-1))
+                offset += n
+            if tail:
+                bucket[offset:].copy_(torch.cat(tail))
+            dist.all_reduce(bucket)
+            buckets[key] = (bucket, sizes)
+        bucket, sizes = buckets[home]
+        counts = bucket[sum(sizes):]
+        present_any = (counts[:len(params)] > 0).tolist()
+        for key, idx in groups.items():
+            bucket, sizes = buckets[key]
+            offset = 0
+            for i, n in zip(idx, sizes):
+                p, mean = params[i], bucket[offset:offset + n].view_as(params[i]).div_(self.world)
+                offset += n
+                if not present_any[i]:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.copy_(mean)
+        return counts[len(params):]
 
     # ------------------------------------------------------------------------------ step
     def step(self, log: bool | None = None) -> dict[str, float]:
-        """Clip, guard and update every component that has gradients; returns flat stats.
+        """Average over processes, clip, guard and update every component that has gradients;
+        returns flat stats. Raises :class:`TrainingDiverged` (after every component has finished
+        this step, rejected ones undone) when a component reaches ``guard.max_failures``.
 
         ``log`` forces (or suppresses) the costlier monitors for this step; by default they run
         when ``step_count % monitor_every == 0``.
@@ -216,9 +365,13 @@ class GradientCoordinator:
         t = self.step_count
         log = self.monitor.is_log_step(t) if log is None else log
         keep = self.monitor.is_log_step(t + 1)
-        if self._manual_reduce:
-            self._all_reduce()
-            self._manual_reduce = False
+        names = list(self.components)
+        loss_bad = self._loss_bad
+        self._loss_bad = None
+        if self.world > 1:
+            dev = loss_bad.device if loss_bad is not None else self.components[names[0]].params[0].device
+            flags = loss_bad if loss_bad is not None else torch.zeros(len(names), device=dev)
+            loss_bad = self._average_gradients(flags)
         todo = []
         for name, c in self.components.items():
             if self._active is not None and name not in self._active:
@@ -228,22 +381,26 @@ class GradientCoordinator:
             if gs:
                 todo.append((c, ps, gs))
         stats: dict[str, float] = {}
+        # one transfer to the host: every gradient norm and every loss flag
         if todo:
             norms = [torch.nn.utils.get_total_norm(gs, 2.0) for _, _, gs in todo]
             dev = norms[0].device
-            norm_vals = torch.stack([n.to(dev) for n in norms]).tolist()
+            host = torch.cat([torch.stack([n.to(dev).float() for n in norms]),
+                              (loss_bad if loss_bad is not None else torch.zeros(len(names))).to(dev)]).tolist()
+            norm_vals, bad_vals = host[:len(todo)], host[len(todo):]
         else:
-            norms, norm_vals = [], []
+            norms, norm_vals, bad_vals = [], [], []
+        failed: list[tuple[_Component, str, dict[str, Any]]] = []
+        stepped = []
         total_sq = 0.0
         for (c, ps, gs), norm_t, norm in zip(todo, norms, norm_vals):
             name = c.name
             stats[f"grad/{name}/norm"] = norm
-            if not math.isfinite(norm):
+            if bad_vals[names.index(name)] > 0 or not math.isfinite(norm):
                 stats[f"grad/{name}/nonfinite"] = 1.0
                 self.monitor.forget(name)
-                self._events.append(c.guard.on_nonfinite(t, norm))   # may raise TrainingDiverged
-                stats[f"grad/{name}/skipped"] = float(c.guard.skipped)
-                stats[f"grad/{name}/lr"] = 0.0
+                reason = "nonfinite_loss" if bad_vals[names.index(name)] > 0 else "nonfinite_grad"
+                failed.append((c, reason, {"grad_norm": norm}))
                 continue
             total_sq += norm * norm
             clip = c.spec.clip
@@ -256,17 +413,49 @@ class GradientCoordinator:
                     g["lr"] = g["base_lr"] * factor
             c.lr = c.spec.lr * factor
             self.monitor.before_update(name, ps, gs, log, keep)
+            c.save_undo()
+            before = _param_norm(c.params)
             for opt in c.optimizers:
                 opt.step()
-            self.monitor.after_update(name, ps)
-            c.guard.after_good_step(t + 1)
-            stats[f"grad/{name}/lr"] = c.lr
-            stats[f"grad/{name}/skipped"] = float(c.guard.skipped)
+            stepped.append((c, ps, norm, before, _param_norm(c.params)))
+        # the verdict on each update: its parameter norms before and after, in one transfer
+        if stepped:
+            dev = stepped[0][3].device
+            sizes = torch.stack([torch.stack([b.to(dev), a.to(dev)]) for *_, b, a in stepped])
+            if self.world > 1:   # every process must take the same decision
+                sizes = torch.nan_to_num(sizes, nan=math.inf)
+                dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+            verdicts = sizes.tolist()
+        else:
+            verdicts = []
+        for (c, ps, norm, *_), (before, after) in zip(stepped, verdicts):
+            name = c.name
+            if not math.isfinite(after):
+                reason, info = "nonfinite_params", {"grad_norm": norm, "param_norm": after}
+            elif before > 0 and after > self.guard_cfg.max_growth * before:
+                reason, info = "exploding_update", {"grad_norm": norm, "growth": after / before}
+            else:
+                self.monitor.after_update(name, ps)
+                c.guard.after_good_step(t + 1)
+                stats[f"grad/{name}/lr"] = c.lr
+                stats[f"grad/{name}/skipped"] = float(c.guard.skipped)
+                continue
+            c.undo()
+            self.monitor.forget(name)
+            failed.append((c, reason, info))
+        for c, reason, info in failed:
+            self._events.append(c.guard.on_failure(t + 1, reason, **info))
+            stats[f"grad/{c.name}/rejected"] = 1.0
+            stats[f"grad/{c.name}/lr"] = 0.0
+            stats[f"grad/{c.name}/skipped"] = float(c.guard.skipped)
         if todo:
             stats["grad/total_norm"] = math.sqrt(total_sq)
         stats.update(self.monitor.collect())
         self.step_count += 1
         self.micro_step = 0
+        for c, _, _ in failed:
+            if c.guard.diverged:
+                raise c.guard.error()
         return stats
 
     def zero_grad(self) -> None:
@@ -275,6 +464,7 @@ class GradientCoordinator:
             for p in c.params:
                 p.grad = None
         self.micro_step = 0
+        self._loss_bad = None
 
     # ------------------------------------------------------------------------------ isolation
     @contextlib.contextmanager

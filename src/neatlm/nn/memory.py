@@ -322,10 +322,11 @@ class NeuralMemory(nn.Module):
         if self.conv is not None:
             raise ValueError("read() without an update does not support conv_size > 0 (MAC with a conv)")
         if state is None:
-            state = self.initial_state(x.shape[0], x.device, x.dtype)
-        q = F.normalize(self._heads(self.to_q(x)), dim=-1)
+            state = self.initial_state(x.shape[0], x.device)
+        q = F.normalize(self._heads(self.to_q(x)), dim=-1).to(state.weights[0].dtype)
         weights = [w.detach() if self.detach_output else w for w in state.weights]
-        y = memory_forward(weights, self._phi(q), self.norm)
+        with torch.autocast(x.device.type, enabled=False):
+            y = memory_forward(weights, self._phi(q), self.norm)
         return self._merge(y + q if self.residual else y)
 
     def forward(self, x: torch.Tensor, state: MemoryState | None = None,
@@ -334,9 +335,19 @@ class NeuralMemory(nn.Module):
         statistics in ``state.stats`` when ``ttl.collect_stats`` and a chunk completed)."""
         bsz, T, _ = x.shape
         if state is None:
-            state = self.initial_state(bsz, x.device, x.dtype)
+            state = self.initial_state(bsz, x.device)
         if T == 0:
             return x.new_zeros(bsz, 0, self.dim), state
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x, state, ttl)
+
+    def _forward(self, x: torch.Tensor, state: MemoryState, ttl: TTLControl) -> tuple[torch.Tensor, MemoryState]:
+        """The layer in the dtype of the state's fast weights (that of W0: fp32 for an fp32 model), with
+        autocast off. Fast weights accumulate many small updates that bf16 would round away, and the
+        fused chunk step's backward computes in the dtype of its saved tensors; the projections are
+        cheap next to the inner loop."""
+        x = x.to(state.weights[0].dtype)
+        bsz, T, _ = x.shape
         b, e = self.chunk_size, self.window - 1
         m = state.position % b
         q, k, v, conv_buf = self._project(x, state)

@@ -80,7 +80,7 @@ class MemoryAsContext(_MemoryMixer):
     def forward(self, x: torch.Tensor, state: MemoryMixerState | None = None, ttl: TTLControl = TTLControl()):
         sa, sm = self._split(state)
         if sm is None:
-            sm = self.memory.initial_state(x.shape[0], x.device, x.dtype)
+            sm = self.memory.initial_state(x.shape[0], x.device)
         b = self.memory.chunk_size
         outs = []
         stats: dict[str, torch.Tensor] = {}

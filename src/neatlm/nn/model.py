@@ -194,8 +194,14 @@ def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1
              generator: torch.Generator | None = None) -> Tensor:
     """Sample ``max_new`` bytes after ``prompt`` (1-D) carrying the model state (KV cache, memory).
 
-    temperature 0 means greedy decoding.
+    temperature 0 means greedy decoding; top_k 0 means no filtering.
     """
+    if max_new < 0:
+        raise ValueError(f"max_new = {max_new!r}: must be >= 0")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature = {temperature!r}: must be a finite number >= 0")
+    if top_k < 0:
+        raise ValueError(f"top_k = {top_k!r}: must be >= 0 (0 = no filtering)")
     was_training = model.training
     model.eval()
     logits, state, _, _ = model(prompt[None])

@@ -43,11 +43,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     except ImportError:
         raise NeatError("neat plot needs matplotlib: pip install 'neatlm[viz]'") from None
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise NeatError(f"{run_dir}: no such run directory")
     if not (run_dir / "metrics.jsonl").is_file():
         raise NeatError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     records = read_metrics(run_dir)
     keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out = run_dir / "plots"
+    if out.exists() and not out.is_dir():
+        raise NeatError(f"{out}: is a file; plots are written into a directory of that name")
     out.mkdir(exist_ok=True)
     written = []
     for name, members in figure_groups(keys).items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
+from ..errors import NeatError
 from .metrics import read_metrics
 from .trainer import Trainer
 
@@ -27,11 +28,13 @@ class SweepPoint:
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     """``["a.b=1,2", "c.d=x"]`` -> ``[("a.b", ["1", "2"]), ("c.d", ["x"])]``."""
-    grid = []
+    grid: list[tuple[str, list[str]]] = []
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ConfigError(f"--grid {item!r}: expected section.key=v1,v2,...")
+        if key.strip() in {k for k, _ in grid}:
+            raise ConfigError(f"--grid {key.strip()}: given twice (list every value in one --grid)")
         grid.append((key.strip(), [v.strip() for v in values.split(",")]))
     return grid
 
@@ -48,6 +51,8 @@ def plan(grid_items: list[str], preset: str | None, config_file: str | None, ove
 
 def run_sweep(points: list[SweepPoint], out_dir: str | Path) -> list[dict]:
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NeatError(f"--out {out}: is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for point in points:

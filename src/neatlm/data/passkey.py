@@ -1,0 +1,65 @@
+"""Passkey retrieval (single needle in a haystack, as RULER's S-NIAH passkey task).
+
+A sequence is held-out text with one sentence hidden at a random depth, then a question::
+
+    ...haystack... The pass key is 73914. Remember it. ...haystack... What is the pass key? The pass key is 73914
+
+Only the answer digits are scored (the targets elsewhere are ``IGNORE``): the model must carry
+five digits from wherever the needle was to the end of the sequence. With a sliding attention
+window shorter than the distance, only a memory that learned at test time can answer; chance is
+10% per digit.
+
+Every example is a function of ``(seed, index)``, so evaluation sets are reproducible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .synthetic import IGNORE
+
+QUESTION = b"What is the pass key? The pass key is "
+
+
+def needle(key: str) -> bytes:
+    return f" The pass key is {key}. Remember it. ".encode()
+
+
+def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 5) -> tuple[Tensor, Tensor, int]:
+    """(inputs, targets, needle_start) for one sequence of ``length`` input bytes.
+
+    ``haystack``: uint8 text to hide the needle in (a random slice of it is used).
+    """
+    key_rng = np.random.default_rng([seed, 0])
+    key = "".join(str(d) for d in key_rng.integers(0, 10, digits))
+    hidden = needle(key)
+    tail = QUESTION + key.encode()
+    filler = length + 1 - len(hidden) - len(tail)
+    if filler < 0:
+        raise ValueError(f"passkey length {length}: needs at least {len(hidden) + len(tail) - 1} bytes")
+    if haystack.size < filler:
+        raise ValueError(f"passkey length {length}: the haystack has only {haystack.size} bytes")
+    rng = np.random.default_rng([seed, 1])
+    start = int(rng.integers(0, haystack.size - filler + 1))
+    hay = haystack[start:start + filler].tobytes()
+    depth = int(rng.integers(0, filler + 1))
+    seq = hay[:depth] + hidden + hay[depth:] + tail                     # length + 1 bytes
+    ids = torch.tensor(list(seq), dtype=torch.long)
+    inputs, targets = ids[:-1], ids[1:].clone()
+    targets[: length - digits] = IGNORE                                  # score the answer digits only
+    return inputs, targets, depth
+
+
+def passkey_batch(haystack: np.ndarray, batch: int, length: int, seed: int, digits: int = 5) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of shape (batch, length); example i is ``passkey_example(seed * 1_000_003 + i)``."""
+    pairs = [passkey_example(haystack, length, seed * 1_000_003 + i, digits)[:2] for i in range(batch)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def passkey_accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Fraction of sequences whose every answer digit is the arg-max prediction (RULER's score)."""
+    mask = targets != IGNORE
+    right = (logits.argmax(-1) == targets) | ~mask
+    return right.all(dim=-1).float().mean().item()

@@ -1,0 +1,120 @@
+"""Streaming evaluation: each held-out document read whole, in order, as one sequence.
+
+A model with test-time memory is meant to use context that its attention window cannot hold, so
+it is measured the way it would be used on a long document: the file is fed ``call_len`` bytes at
+a time, the model state (sliding-window KV cache, memory fast weights) carried from call to call
+and detached, the memory learning as it reads. Memory use is bounded by the window and the call
+length, whatever the file length. Losses are reported overall and by position in the file
+(``0-256``, ``256-1K``, ``1K-4K``, ``4K-16K``, ``16K+`` bytes in), so a memory that keeps paying
+far into a file shows up in the far buckets.
+
+A model trained with full attention (``model.window = 0``) has a KV cache that would grow with the
+file; it is evaluated with its training context as the window (RoPE is relative, so the weights
+are unchanged): :func:`streaming_model` builds that copy.
+
+General-purpose compressors, each compressing every file on its own, give a reference point in
+the same units: :func:`compressor_bits_per_byte`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import copy
+import lzma
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..nn.memory import TTLControl
+from ..nn.model import NeatLM, lm_loss
+from .state_io import detach_state
+
+BUCKETS = (256, 1024, 4096, 16384)          # upper edges in bytes; the last bucket is open
+BUCKET_NAMES = ("0-256", "256-1K", "1K-4K", "4K-16K", "16K+")
+
+
+@dataclass
+class StreamResult:
+    """Summed nats and counts of predicted bytes, overall and per position bucket."""
+
+    nats: list[float] = field(default_factory=lambda: [0.0] * len(BUCKET_NAMES))
+    count: list[int] = field(default_factory=lambda: [0] * len(BUCKET_NAMES))
+
+    def bits_per_byte(self) -> dict[str, float]:
+        """{"all": ..., "0-256": ..., ...}; NaN for an empty bucket."""
+        out = {"all": _bpb(sum(self.nats), sum(self.count))}
+        out.update({name: _bpb(n, c) for name, n, c in zip(BUCKET_NAMES, self.nats, self.count)})
+        return out
+
+
+def _bpb(nats: float, count: int) -> float:
+    return nats / count / math.log(2) if count else math.nan
+
+
+def _bucket_of(positions: torch.Tensor) -> torch.Tensor:
+    return torch.bucketize(positions, torch.tensor(BUCKETS), right=True)
+
+
+def streaming_model(model: NeatLM) -> NeatLM:
+    """``model`` itself if its attention already has a window; otherwise a copy whose attention
+    window is the training context (same weights), so that state stays bounded on long files."""
+    if model.cfg.model.window > 0:
+        return model
+    cfg = copy.deepcopy(model.cfg)
+    cfg.model.window = cfg.model.context
+    windowed = NeatLM(cfg).to(next(model.parameters()).device)
+    windowed.load_state_dict(model.state_dict())
+    return windowed
+
+
+@torch.no_grad()
+def stream_eval(model: NeatLM, files: Sequence[bytes], call_len: int = 256, learn: bool = True,
+                device: torch.device | str = "cpu") -> StreamResult:
+    """Bits per byte of ``model`` over every file read whole, state carried across calls.
+
+    ``learn`` False keeps the memories at their initial weights (they read, never step), which
+    isolates what test-time learning adds. Byte i of a file (i >= 1) is predicted from bytes < i;
+    its position bucket is i.
+    """
+    if call_len < 1:
+        raise ValueError(f"call_len = {call_len}: must be >= 1")
+    was_training = model.training
+    model.eval()
+    ttl = TTLControl(learn=learn)
+    result = StreamResult()
+    for data in files:
+        ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().to(device)
+        state = None
+        for start in range(0, ids.numel() - 1, call_len):
+            x = ids[start:start + call_len][None]                  # (1, T)
+            y = ids[start + 1:start + 1 + call_len][None]
+            x = x[:, :y.shape[1]]                                  # the last call has one target fewer
+            out = model(x, state, ttl)
+            state = detach_state(out.state)
+            nats = lm_loss(out.logits, y, reduction="none").double().cpu()   # (T,)
+            positions = torch.arange(start + 1, start + 1 + y.shape[1])
+            bucket = _bucket_of(positions)
+            for b in range(len(BUCKET_NAMES)):
+                mask = bucket == b
+                if mask.any():
+                    result.nats[b] += float(nats[mask].sum())
+                    result.count[b] += int(mask.sum())
+    model.train(was_training)
+    return result
+
+
+def compressor_bits_per_byte(files: Sequence[bytes]) -> dict[str, float]:
+    """zlib -9, bz2 -9 and xz -9e, each compressing every file on its own: total compressed bits
+    over total bytes."""
+    total = sum(len(d) for d in files)
+    if total == 0:
+        return {"zlib": math.nan, "bz2": math.nan, "xz": math.nan}
+    sizes = {
+        "zlib": sum(len(zlib.compress(d, 9)) for d in files),
+        "bz2": sum(len(bz2.compress(d, 9)) for d in files),
+        "xz": sum(len(lzma.compress(d, preset=9 | lzma.PRESET_EXTREME)) for d in files),
+    }
+    return {name: 8 * size / total for name, size in sizes.items()}

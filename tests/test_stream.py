@@ -1,0 +1,71 @@
+"""Streaming evaluation: whole files, state carried, bounded memory, buckets by position."""
+
+import math
+
+import pytest
+import torch
+
+from neatlm.config import Config
+from neatlm.nn.model import NeatLM, lm_loss
+from neatlm.train.state_io import flatten_state
+from neatlm.train.stream import BUCKET_NAMES, compressor_bits_per_byte, stream_eval, streaming_model
+
+
+def memory_model(window: int = 16) -> NeatLM:
+    cfg = Config()
+    cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.window = 32, 2, 2, window
+    cfg.memory.enabled, cfg.memory.chunk_size = True, 8
+    torch.manual_seed(0)
+    return NeatLM(cfg).double()
+
+
+def text(n: int, seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    return bytes(torch.randint(97, 123, (n,), generator=g).tolist())
+
+
+def test_streaming_equals_one_call_and_buckets_count_every_byte():
+    model = memory_model()
+    data = text(300)
+    got = stream_eval(model, [data], call_len=37)
+    ids = torch.tensor(list(data))[None]
+    whole = lm_loss(model(ids[:, :-1]).logits, ids[:, 1:], reduction="sum").item()
+    assert math.isclose(sum(got.nats), whole, rel_tol=1e-9)
+    assert sum(got.count) == len(data) - 1
+    assert got.count[0] == 255 and got.count[1] == 44       # targets at positions 1..255, 256..299
+    bpb = got.bits_per_byte()
+    assert set(bpb) == {"all", *BUCKET_NAMES} and math.isnan(bpb["16K+"])
+
+
+def test_learning_off_differs_and_state_stays_bounded():
+    model = memory_model()
+    data = text(200)
+    on, off = stream_eval(model, [data], 32), stream_eval(model, [data], 32, learn=False)
+    assert on.nats[0] != off.nats[0]          # test-time learning changed the predictions
+    sizes = []
+    state = None
+    ids = torch.tensor(list(text(1024, 1)))[None]
+    for start in range(0, 1024, 64):
+        state = model(ids[:, start:start + 64], state).state
+        sizes.append(sum(t.numel() for t in flatten_state(state)[1].values()))
+    assert len(set(sizes[1:])) == 1           # the carried state does not grow with the file
+
+
+def test_full_attention_model_streams_with_its_context_as_window():
+    cfg = Config()
+    cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.context = 32, 1, 2, 24
+    model = NeatLM(cfg)
+    windowed = streaming_model(model)
+    assert windowed is not model and windowed.cfg.model.window == 24 and model.cfg.model.window == 0
+    ids = torch.randint(0, 256, (1, 24))
+    torch.testing.assert_close(windowed(ids).logits, model(ids).logits)   # same weights, same first window
+    assert streaming_model(windowed) is windowed
+
+
+def test_compressors_report_bits_per_byte():
+    files = [b"abc" * 200, text(500)]
+    bpb = compressor_bits_per_byte(files)
+    assert set(bpb) == {"zlib", "bz2", "xz"}
+    assert all(0 < v < 8 for v in bpb.values())
+    with pytest.raises(ValueError, match="call_len"):
+        stream_eval(memory_model(), files, call_len=0)
