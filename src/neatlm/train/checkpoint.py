@@ -272,7 +272,7 @@ class Checkpoint:
                 raise CheckpointError(f"{file}: no {name!r} state in this checkpoint")
             sd = self.states[name]
             if name == "model":
-                check_weights(obj.state_dict(), sd, file, "the model")
+                check_weights(obj.state_dict(), sd, file, "the model of this run")
             try:
                 obj.load_state_dict(sd)
             except CheckpointError as exc:
@@ -286,20 +286,21 @@ class Checkpoint:
 
 
 def check_weights(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], file: Path | str,
-                  model: str) -> None:
-    """Same tensor names and shapes, or a one-line error naming the first difference."""
+                  against: str) -> None:
+    """Same tensor names and shapes as ``expected`` (the model ``against`` names), or a one-line
+    error naming the file and the first difference."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
-        first = (f"{model} has {missing[0]}, which the checkpoint lacks" if missing
-                 else f"the checkpoint has {unexpected[0]}, which {model} lacks")
+        first = (f"the model has {missing[0]}, which the file lacks" if missing
+                 else f"the file has {unexpected[0]}, which the model lacks")
         more = len(missing) + len(unexpected) - 1
-        raise CheckpointError(f"{file} holds a different model: {first}" + (f" ({more} more differences)" if more else ""))
+        raise CheckpointError(f"{file} does not match {against}: {first}" + (f" ({more} more differences)" if more else ""))
     for k, t in expected.items():
         if tuple(found[k].shape) != tuple(t.shape):
             shape = lambda s: "x".join(map(str, s)) or "scalar"  # noqa: E731
-            raise CheckpointError(f"{file} holds a different model: {k} is {shape(found[k].shape)} there but "
-                                  f"{shape(t.shape)} in {model} (a checkpoint of another model size?)")
+            raise CheckpointError(f"{file} does not match {against}: {k} is {shape(found[k].shape)} there but "
+                                  f"{shape(t.shape)} in the model (a checkpoint of another model size?)")
 
 
 def _model_of_config(config: dict[str, Any], state_file: Path) -> dict[str, torch.Tensor]:
@@ -373,7 +374,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                           ("step", lambda v: _is_int(v) and v >= 0, "a step"),
                           ("config", lambda v: isinstance(v, dict), "a config")):
         if key not in doc:
-            raise CheckpointError(f"{state_file}: no {key!r} entry (an incomplete checkpoint){hint}")
+            what = "no saved config" if key == "config" else f"no {key!r} entry"
+            raise CheckpointError(f"{state_file}: {what} (an incomplete checkpoint){hint}")
         if not ok(doc[key]):
             raise CheckpointError(f"{state_file}: the {key!r} entry is not {what}{hint}")
     manifest = doc["files"]
@@ -408,7 +410,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{ckpt / OPTIMIZER_FILE}: not an optimizer state (a {type(optimizer).__name__})")
     extra = load(EXTRA_FILE, lambda f: load_file(str(f))) if EXTRA_FILE in manifest else {}
     check_weights(_model_of_config(doc["config"], state_file), model, ckpt / MODEL_FILE,
-                  "the model of the saved config")
+                  f"the config in {state_file}")
     if schema == 1:
         states, hardware = _from_schema_1(doc, extra, state_file)
     else:
