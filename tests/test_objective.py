@@ -1,4 +1,4 @@
-"""The step objective: one object weighs every segment's loss and names the step's last backward."""
+"""The step objective: one object weighs every segment's loss."""
 
 import pytest
 import torch
@@ -16,13 +16,12 @@ def test_segment_terms_add_up_to_the_mean_of_window_means():
     want = sum(sums[m].sum() / scored[m] for m in range(2)) / 2 + aux.mean()
     assert total.item() == pytest.approx(want.item(), rel=1e-12)
     assert obj.backwards == 6
-    assert [obj.is_last(m, s) for m in range(2) for s in range(3)] == [False] * 5 + [True]
     assert obj.mean_loss(sums.sum(), 42).item() == pytest.approx(sums.sum().item() / 42)
 
 
 def test_a_single_backward_is_the_plain_mean():
     obj = StepObjective(1, 1)
     loss_sum = torch.tensor(6.0)
-    assert obj.term(loss_sum, 3).item() == 2.0 and obj.is_last(0, 0)
+    assert obj.term(loss_sum, 3).item() == 2.0
     with pytest.raises(ValueError, match="must be >= 1"):
         StepObjective(0, 1)

@@ -3,8 +3,9 @@
 A step draws ``micro_batches`` windows (gradient accumulation); each window runs as ``segments``
 consecutive segments (truncated backprop: state is carried and detached between them), and each
 segment has its own backward pass. :class:`StepObjective` is the one place that knows this
-layout: how much each segment's loss weighs, which backward is the step's last (where DDP
-all-reduces), and how the logged loss is averaged.
+layout: how much each segment's loss weighs and how the logged loss is averaged. (Under torchrun
+the coordinator averages the gradients over processes once per step, in ``step()``, however many
+backward passes came before: nothing here depends on which backward is the last.)
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ class StepObjective:
             objective = objective + aux
         n = self.backwards
         return objective / n if n != 1 else objective
-
-    def is_last(self, micro: int, segment: int) -> bool:
-        """Whether this is the step's last backward pass: the one where DDP all-reduces."""
-        return micro == self.micro_batches - 1 and segment == self.segments - 1
 
     @staticmethod
     def mean_loss(loss_sum: Tensor, scored: int) -> Tensor:

@@ -26,13 +26,11 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, from_dict, to_toml
@@ -159,18 +157,15 @@ class Trainer:
         self.sampler = self.data.sampler
         specs = component_specs(cfg)
         try:
-            self.checkpointing = self._apply_checkpointing(specs)  # before DDP: paths of the bare model
+            self.checkpointing = self._apply_checkpointing(specs)
         except ValueError as exc:  # e.g. orphan parameters when units = "components"
             raise ConfigError(str(exc)) from None
-        # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
-        # during TTL warmup the memory gates get no gradient: DDP must be told some may be unused
-        self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None,
-                             find_unused_parameters=cfg.ttl.warmup_steps > 0) if self.dist.enabled else self.model
         # one backward per segment of every micro-batch, weighted by the step objective alone
-        # (the coordinator is told accum_steps=1 so that it does not scale the losses again)
+        # (the coordinator is told accum_steps=1 so that it does not scale the losses again); under
+        # torchrun the coordinator averages the gradients over processes once per step, in step()
         self.objective = StepObjective(t.accum_steps, t.segments)
         try:
-            self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps, accum_steps=1,
+            self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, accum_steps=1,
                                              guard=cfg.guard, monitor_every=t.log_every)
         except ValueError as exc:  # orphan or doubly claimed parameters
             raise ConfigError(str(exc)) from None
@@ -248,9 +243,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, micro: int,
+    def _backward_window(self, x: torch.Tensor, y: torch.Tensor,
                          ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """Forward and backward micro-batch ``micro``'s window as consecutive segments.
+        """Forward and backward one micro-batch window as consecutive segments.
 
         Memory state is carried between segments and detached (truncated backprop), so the graph
         never spans more than one segment. Returns (summed loss, scored tokens, the model's
@@ -261,17 +256,14 @@ class Trainer:
         state = self.carried.value if reset == "never" else None
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
-        for i, (xs, ys) in enumerate(zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1))):
+        for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
             if reset == "batch":
                 state = None
-            # DDP all-reduces the gradients once per optimizer step, in the step's last backward
-            last = self.objective.is_last(micro, i)
-            with nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync():
-                with self.hw.autocast():
-                    out = self.ddp_model(xs, state, ttl)
-                    loss_sum = lm_loss(out.logits, ys, reduction="sum")
-                    objective = self.objective.term(loss_sum, scored, out.aux_loss)
-                self.coord.backward(objective)
+            with self.hw.autocast():
+                out = self.model(xs, state, ttl)
+                loss_sum = lm_loss(out.logits, ys, reduction="sum")
+                objective = self.objective.term(loss_sum, scored, out.aux_loss)
+            self.coord.backward(objective)
             state = detach_state(out.state)
             stats = out.stats or stats
             total += loss_sum.detach()
@@ -296,10 +288,10 @@ class Trainer:
         # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
         ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
         model_stats: dict[str, torch.Tensor] = {}
-        for micro in range(t.accum_steps):
+        for _ in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
-            loss_sum, n, window_stats = self._backward_window(x, y, micro, ttl)
+            loss_sum, n, window_stats = self._backward_window(x, y, ttl)
             total += loss_sum
             scored += n
             model_stats = window_stats or model_stats
@@ -335,7 +327,7 @@ class Trainer:
                         self.hw.device, self.hw.autocast(), accuracy=self.data.task == "mqar")
 
     def _stop_requested(self, stop: _StopRequests) -> bool:
-        """Whether a signal asked to stop; under DDP, whether any rank got one (all stop together)."""
+        """Whether a signal asked to stop; under torchrun, whether any process got one (all stop together)."""
         flag = stop.signum is not None
         if self.dist.enabled:
             flag = bool(all_reduce_mean(torch.tensor(float(flag), device=self.hw.device), self.dist) > 0)
