@@ -7,8 +7,9 @@ import torch
 from conftest import write_corpus
 from neatlm.config import DataConfig
 from neatlm.data.corpus import BatchSampler, is_validation, list_files, load_corpus, stdlib_root
-from neatlm.data.synthetic import IGNORE, mqar_accuracy, mqar_batch
+from neatlm.data.synthetic import mqar_batch
 from neatlm.errors import DataError
+from neatlm.nn.loss import IGNORE_INDEX, argmax_hits
 
 
 def test_split_is_by_file_and_deterministic(tmp_path: Path):
@@ -78,13 +79,13 @@ def test_mqar_layout_and_scoring():
     assert x.shape == y.shape == (8, 64)
     for b in range(8):
         pairs = {int(x[b, i]): int(x[b, i + 1]) for i in range(0, 16, 2)}
-        q = (y[b] != IGNORE).nonzero().flatten()
+        q = (y[b] != IGNORE_INDEX).nonzero().flatten()
         assert len(q) == 8
         for t in q.tolist():
             assert int(y[b, t]) == pairs[int(x[b, t])]  # the answer is the value of the queried key
     assert torch.equal(mqar_batch(8, 64, 8, 64, seed=1)[0], x)
     perfect = torch.nn.functional.one_hot(y.clamp(min=0), 64).float()
-    assert mqar_accuracy(perfect, y) == 1.0
-    assert mqar_accuracy(torch.zeros(8, 64, 64), y) == 0.0
+    assert argmax_hits(perfect, y) == (64, 64)  # every query right, nothing else scored
+    assert argmax_hits(torch.zeros(8, 64, 64), y) == (0, 64)
     with pytest.raises(ValueError, match="exceeds seq_len"):
         mqar_batch(1, 10, pairs=8)

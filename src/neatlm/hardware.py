@@ -3,6 +3,11 @@
 bf16 autocast is a win on recent GPUs and a disaster on many CPUs (about 80x slower than fp32
 on the 2-core machines this was developed on), so ``precision = "auto"`` times one matmul of the
 model's width in each candidate dtype on the chosen device and keeps the fastest.
+
+A measurement can come out differently the next time (a busy machine, another process on the
+GPU), and a run whose precision changed half-way is no longer reproducible. So a run records what
+it resolved (in every checkpoint), and :func:`detect` reuses that record on resume: "auto" then
+means "what this run measured when it started" as long as the device type is the same.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Hardware:
     device: torch.device
     precision: str  # fp32 | bf16
     timings: dict[str, float]  # seconds per probe matmul, by precision (empty if not measured)
+    recorded: bool = False  # the precision is the one the run measured before (see detect)
 
     def autocast(self) -> ContextManager:
         if self.precision == "fp32":
@@ -32,7 +38,8 @@ class Hardware:
 
     def describe(self) -> str:
         probe = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.timings.items())
-        return f"device {self.device}, precision {self.precision}" + (f" (measured: {probe})" if probe else "")
+        note = f" (measured: {probe})" if probe else " (as measured when the run started)" if self.recorded else ""
+        return f"device {self.device}, precision {self.precision}{note}"
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -98,7 +105,22 @@ def choose_precision(device: torch.device, requested: str = "auto", size: int = 
     return best, timings
 
 
-def detect(device: str = "auto", precision: str = "auto", probe_size: int = 256) -> Hardware:
-    dev = choose_device(device)
+def detect(device: str = "auto", precision: str = "auto", probe_size: int = 256,
+           recorded: dict | None = None) -> Hardware:
+    """The device and precision to use. ``recorded`` is what a run resolved before (``{"device":
+    "cuda", "precision": "bf16"}`` from its checkpoint): "auto" reuses the recorded device when it
+    is available here, and the recorded precision instead of measuring again when the device type
+    is the same, so a resumed run computes as it did."""
+    rec = recorded or {}
+    dev = None
+    if device == "auto" and rec.get("device") in ("cuda", "mps", "cpu"):
+        try:
+            dev = choose_device(rec["device"])
+        except NeatError:  # not on this machine: choose afresh
+            dev = None
+    if dev is None:
+        dev = choose_device(device)
+    if precision == "auto" and rec.get("device") == dev.type and rec.get("precision") in candidate_precisions(dev):
+        return Hardware(dev, rec["precision"], {}, recorded=True)
     prec, timings = choose_precision(dev, precision, probe_size)
     return Hardware(dev, prec, timings)

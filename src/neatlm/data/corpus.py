@@ -5,7 +5,7 @@ corpus root (a CRC32 of it), so it is the same on every machine and for every fi
 A corpus of a single file is split by bytes instead: its last ``val_fraction`` is validation.
 
 Batches come from :class:`BatchSampler`, whose batch ``i`` is a pure function of
-``(seed, i)``: its whole state is the position, which goes into every checkpoint.
+``(seed, i)``: its whole state is the position (``state_dict()``), which goes into every checkpoint.
 """
 
 from __future__ import annotations
@@ -112,6 +112,19 @@ class BatchSampler:
         self.position += 1
         starts = rng.integers(0, self.data.size - self.seq_len, size=self.batch_size)
         return windows(self.data, starts, self.seq_len)
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler's whole state: batch ``position`` is next (the rest comes from the config)."""
+        return {"position": self.position}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.position = _position(sd["position"])
+
+
+def _position(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"sampler position {value!r} is not a batch count")
+    return value
 
 
 def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ A sequence is held-out text with one sentence hidden at a random depth, then a q
 
     ...haystack... The pass key is 73914. Remember it. ...haystack... What is the pass key? The pass key is 73914
 
-Only the answer digits are scored (the targets elsewhere are ``IGNORE``): the model must carry
+Only the answer digits are scored (the targets elsewhere are ``IGNORE_INDEX``): the model must carry
 five digits from wherever the needle was to the end of the sequence. With a sliding attention
 window shorter than the distance, only a memory that learned at test time can answer; chance is
 10% per digit.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .synthetic import IGNORE
+from ..nn.loss import IGNORE_INDEX
 
 QUESTION = b"What is the pass key? The pass key is "
 
@@ -48,7 +48,7 @@ def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 
     seq = hay[:depth] + hidden + hay[depth:] + tail                     # length + 1 bytes
     ids = torch.tensor(list(seq), dtype=torch.long)
     inputs, targets = ids[:-1], ids[1:].clone()
-    targets[: length - digits] = IGNORE                                  # score the answer digits only
+    targets[: length - digits] = IGNORE_INDEX                            # score the answer digits only
     return inputs, targets, depth
 
 
@@ -60,6 +60,6 @@ def passkey_batch(haystack: np.ndarray, batch: int, length: int, seed: int, digi
 
 def passkey_accuracy(logits: Tensor, targets: Tensor) -> float:
     """Fraction of sequences whose every answer digit is the arg-max prediction (RULER's score)."""
-    mask = targets != IGNORE
+    mask = targets != IGNORE_INDEX
     right = (logits.argmax(-1) == targets) | ~mask
     return right.all(dim=-1).float().mean().item()

@@ -2,6 +2,10 @@
 
 Two tasks share this interface: ``text`` (next byte of a corpus) and ``mqar`` (associative recall,
 scored only at query positions). Both samplers are pure functions of ``(seed, position)``.
+
+A text corpus with ``data.val_fraction = 0`` has no validation data: the trainer then skips
+evaluation. A positive fraction that leaves too little for one validation window is refused when
+the data is loaded, not at the first evaluation.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..config import Config
+from ..errors import DataError
 from .corpus import BatchSampler, Corpus, load_corpus, validation_batches
 from .synthetic import MQARSampler, mqar_batch
 
@@ -34,8 +39,15 @@ class DataSource:
         d = self.cfg.data
         return f"MQAR ({d.mqar_pairs} pairs, {d.mqar_queries or d.mqar_pairs} queries, seq_len {self.cfg.train.seq_len})"
 
+    @property
+    def has_validation(self) -> bool:
+        return self.corpus is None or self.corpus.val.size > 0
+
     def validation(self, n_batches: int) -> Iterator[Batch]:
         t = self.cfg.train
+        if not self.has_validation:
+            raise DataError(f"{self.corpus.source}: no validation data (data.val_fraction = "
+                            f"{self.cfg.data.val_fraction}); set data.val_fraction > 0 to hold some out")
         if self.corpus is not None:
             yield from validation_batches(self.corpus.val, t.batch_size, t.seq_len, n_batches)
             return
@@ -53,4 +65,8 @@ def build_data(cfg: Config) -> DataSource:
                               d.seed)
         return DataSource("mqar", sampler, None, cfg)
     corpus = load_corpus(d)
+    if corpus.val.size and corpus.val.size < t.seq_len + 1:  # validation windows are seq_len long
+        raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
+                        f"fewer than one validation window (train.seq_len + 1 = {t.seq_len + 1}); raise it, or set "
+                        "it to 0 to train without validation")
     return DataSource("text", BatchSampler(corpus.train, t.batch_size, window, d.seed), corpus, cfg)

@@ -2,7 +2,8 @@
 
 A sequence starts with ``pairs`` key-value pairs ``k1 v1 k2 v2 ...``; later, at random
 positions, keys from those pairs appear again and the model must predict the value that
-followed that key. Only those predictions are scored (targets elsewhere are ``IGNORE``).
+followed that key. Only those predictions are scored (targets elsewhere are
+:data:`~neatlm.nn.loss.IGNORE_INDEX`); the query accuracy is :func:`neatlm.nn.loss.argmax_hits`.
 
 Token layout with vocabulary ``V``: 0 is filler, keys come from ``[1, V/2)``, values from
 ``[V/2, V)``. Keys within a sequence are distinct, so every query has one right answer.
@@ -13,12 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE = -100
+from ..nn.loss import IGNORE_INDEX
+from .corpus import _position
+
+IGNORE = IGNORE_INDEX  # the same marker under its older name; neatlm.nn.loss defines it
 
 
 def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: int | None = None,
                seed: int = 0) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) of shape (batch, seq_len); targets are IGNORE except at query keys.
+    """(inputs, targets) of shape (batch, seq_len); targets are IGNORE_INDEX except at query keys.
 
     ``queries`` defaults to ``pairs`` (every key is asked once). Needs
     ``2 * pairs + 2 * queries <= seq_len`` and ``pairs < vocab / 2``.
@@ -33,7 +37,7 @@ def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: 
         raise ValueError(f"MQAR: pairs = {pairs} needs vocab >= {2 * pairs + 2} (got {vocab})")
     g = torch.Generator().manual_seed(seed)
     inputs = torch.zeros(batch, seq_len, dtype=torch.long)
-    targets = torch.full((batch, seq_len), IGNORE, dtype=torch.long)
+    targets = torch.full((batch, seq_len), IGNORE_INDEX, dtype=torch.long)
     context = 2 * pairs
     slots = (seq_len - context) // 2  # query slots of two tokens after the context
     for b in range(batch):
@@ -46,14 +50,6 @@ def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: 
         inputs[b, pos], inputs[b, pos + 1] = keys[asked], values[asked]
         targets[b, pos] = values[asked]  # at the query key, predict its value
     return inputs, targets
-
-
-def mqar_accuracy(logits: Tensor, targets: Tensor) -> float:
-    """Fraction of query positions whose arg-max prediction is the right value."""
-    mask = targets != IGNORE
-    if not mask.any():
-        raise ValueError("no query positions in targets")
-    return (logits.argmax(-1)[mask] == targets[mask]).float().mean().item()
 
 
 class MQARSampler:
@@ -70,3 +66,10 @@ class MQARSampler:
                            seed=self.seed * 1_000_003 + self.position)
         self.position += 1
         return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler's whole state: batch ``position`` is next (the rest comes from the config)."""
+        return {"position": self.position}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.position = _position(sd["position"])

@@ -194,7 +194,7 @@ class GradientCoordinator:
         groups = assign_parameters(bare, specs)
         self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg, verbose=self.rank == 0)
                                                   for n, g in groups.items()}
-        self.monitor = GradMonitor(monitor_every)
+        self.monitor = GradMonitor(monitor_every, final_step=total_steps - 1)
         self.step_count = 0          # completed optimizer steps
         self.micro_step = 0          # backward calls since the last step()
         self._active: set[str] | None = None
@@ -486,10 +486,10 @@ class GradientCoordinator:
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self, include_backups: bool = False) -> dict[str, Any]:
-        """Optimizers, schedule position, guard state: tensors, numbers, strings, lists, dicts only
-        (loadable with ``torch.load(weights_only=True)``)."""
+        """Optimizers, schedule position, guard and monitor state: tensors, numbers, strings, lists,
+        dicts only (loadable with ``torch.load(weights_only=True)``)."""
         return {
-            "version": 1,
+            "version": 2,
             "step": self.step_count,
             "total_steps": self.total_steps,
             "components": {
@@ -498,22 +498,71 @@ class GradientCoordinator:
                     "param_names": list(c.group.names)}
                 for n, c in self.components.items()
             },
+            "monitor": self.monitor.state_dict(),
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. Everything is checked against this model first (names,
+        shapes of every optimizer state, backup and kept gradient), so a state of another model
+        fails here with a ValueError, not at the next step; on failure nothing has been changed."""
+        if sd.get("version", 1) not in (1, 2):
+            raise ValueError(f"coordinator state version {sd.get('version')!r} is not 1 or 2")
         comps = sd["components"]
         missing = [n for n in self.components if n not in comps]
         extra = [n for n in comps if n not in self.components]
         if missing or extra:
             raise ValueError(f"coordinator state: components differ (missing {missing}, unexpected {extra})")
+        monitor = sd.get("monitor")  # version 1 had none: the monitor starts empty
         for n, c in self.components.items():
             cs = comps[n]
             if list(cs["param_names"]) != list(c.group.names):
                 raise ValueError(f"coordinator state: component {n!r} holds different parameters than the checkpoint")
             if len(cs["optimizers"]) != len(c.optimizers):
                 raise ValueError(f"coordinator state: component {n!r} has a different optimizer layout")
+            _check_shapes(n, c, cs, monitor["prev"].get(n) if monitor else None)
+        for n, c in self.components.items():
+            cs = comps[n]
             for o, osd in zip(c.optimizers, cs["optimizers"]):
                 o.load_state_dict(osd)
             c.guard.load_state_dict(cs["guard"])
+        if monitor is not None:
+            devices = {n: c.params[0].device for n, c in self.components.items() if c.params}
+            self.monitor.load_state_dict({"prev": {n: [g.to(devices[n]) for g in gs] for n, gs in monitor["prev"].items()},
+                                          "angle_history": monitor["angle_history"]})
         self.step_count = int(sd["step"])
         self.micro_step = 0
+
+
+def _check_shapes(name: str, comp: _Component, cs: Mapping[str, Any], prev: list[Tensor] | None) -> None:
+    """Every tensor saved for a parameter has its shape (the optimizers' own load checks only counts)."""
+    names = {id(p): n for p, n in zip(comp.params, comp.group.names)}
+
+    def check(what: str, p: Tensor, t: Any) -> None:
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"component {name!r}: the saved {what} of {names[id(p)]} is {got}, the parameter "
+                             f"{tuple(p.shape)} (a state of another model?)")
+
+    for opt, osd in zip(comp.optimizers, cs["optimizers"]):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        ids = [i for g in osd["param_groups"] for i in g["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"component {name!r}: the saved optimizer has {len(ids)} parameters, this one "
+                             f"{len(params)}")
+        for p, i in zip(params, ids):
+            for key, t in osd["state"].get(i, {}).items():
+                if isinstance(t, Tensor) and t.dim() > 0:  # scalars such as Adam's step count have no shape
+                    check(f"optimizer state {key!r}", p, t)
+    backup = cs["guard"].get("backup")
+    if backup is not None:
+        if len(backup) != len(comp.params):
+            raise ValueError(f"component {name!r}: the saved guard backup has {len(backup)} tensors, the component "
+                             f"{len(comp.params)} parameters")
+        for p, b in zip(comp.params, backup):
+            check("guard backup", p, b)
+    if prev is not None:  # gradients of the parameters that had one, in order
+        it = iter(comp.params)
+        for g in prev:
+            p = next((p for p in it if isinstance(g, Tensor) and tuple(p.shape) == tuple(g.shape)), None)
+            if p is None:
+                raise ValueError(f"component {name!r}: the monitor's kept gradients do not fit its parameters")

@@ -18,6 +18,7 @@ Everything a logged step needs is reduced on the device and moved to the host in
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,12 +29,17 @@ def _sq_sum(ts: list[Tensor]) -> Tensor:
 
 
 class GradMonitor:
-    """Cheap per-component statistics; ``every`` sets which steps are logged (0, every, 2*every...)."""
+    """Cheap per-component statistics on logged steps: 0, every, 2*every... and ``final_step``.
 
-    def __init__(self, every: int = 1, history: int = 256):
+    :meth:`is_log_step` is the schedule of logged steps for whoever records them (the trainer
+    asks it too), so that the gradient the next logged step compares with is always kept.
+    """
+
+    def __init__(self, every: int = 1, history: int = 256, final_step: int | None = None):
         if every < 1:
             raise ValueError(f"monitor every = {every!r}: must be >= 1")
         self.every = every
+        self.final_step = final_step
         self._prev: dict[str, list[Tensor]] = {}
         self.angle_history: dict[str, deque[float]] = {}
         self._history = history
@@ -41,7 +47,8 @@ class GradMonitor:
         self._pending: dict[str, Tensor] = {}
 
     def is_log_step(self, step: int) -> bool:
-        return step % self.every == 0
+        """Whether optimizer step ``step`` (0-based: completed steps before it) is logged."""
+        return step % self.every == 0 or step == self.final_step
 
     # called by the coordinator around one component's optimizer step
     def before_update(self, name: str, params: list[Tensor], grads: list[Tensor], log: bool, keep: bool) -> None:
@@ -79,6 +86,20 @@ class GradMonitor:
                 name = k.split("/")[1]
                 self.angle_history.setdefault(name, deque(maxlen=self._history)).append(v)
         return out
+
+    # checkpoints: the gradient kept for the next logged step's cosine, and the cosine history
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": {n: [g.clone() for g in gs] for n, gs in self._prev.items()},
+                "angle_history": {n: list(h) for n, h in self.angle_history.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        prev, history = sd["prev"], sd["angle_history"]
+        if not isinstance(prev, dict) or not all(isinstance(g, Tensor) for gs in prev.values() for g in gs):
+            raise ValueError("monitor state: the kept gradients are not lists of tensors")
+        self._prev = {n: list(gs) for n, gs in prev.items()}
+        self.angle_history = {n: deque((float(v) for v in h), maxlen=self._history) for n, h in history.items()}
+        self._before.clear()
+        self._pending.clear()
 
     def forget(self, name: str) -> None:
         """Drop the stored gradient of a component (after a skipped step)."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from .attention import CausalSelfAttention
+from .loss import lm_loss  # noqa: F401  (neatlm.nn.model.lm_loss: where callers have always found it)
 from .memory import TTLControl
 from .memory_mixer import MemoryMixerState
 
@@ -171,19 +172,6 @@ class NeatLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy in nats; ``targets`` are the inputs shifted by one, and
-    positions marked -100 are not scored (MQAR scores only its queries).
-
-    Half-precision logits are upcast to fp32 for the softmax; fp32 and fp64 stay as they are
-    (the float64 gradient checker depends on it).
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
 @torch.no_grad()

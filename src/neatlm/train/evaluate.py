@@ -11,8 +11,8 @@ from typing import ContextManager, Iterable
 
 import torch
 
-from ..data.synthetic import IGNORE
-from ..nn.model import NeatLM, lm_loss
+from ..nn.loss import argmax_hits, lm_loss
+from ..nn.model import NeatLM
 from .metrics import bits_per_byte
 from .state_io import detach_state
 
@@ -34,11 +34,11 @@ def evaluate(model: NeatLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
             with autocast or nullcontext():
                 logits, state, _, _ = model(xs, state)
             state = detach_state(state)
-            scored = ys != IGNORE
-            if scored.any():
+            hits, scored = argmax_hits(logits, ys)
+            if scored:
                 loss_sum += lm_loss(logits, ys, reduction="sum").item()
-                correct += (logits.argmax(-1)[scored] == ys[scored]).sum().item()
-            count += int(scored.sum())
+            correct += hits
+            count += scored
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     result = {"val_loss": loss, "val_bpb": bits_per_byte(loss)}

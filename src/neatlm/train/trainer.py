@@ -2,8 +2,17 @@
 
 ``Trainer(cfg).train()`` trains from scratch; ``Trainer.resume(run_dir).train()`` continues
 from the latest checkpoint with the saved config. On CPU the losses after a resume equal those
-of an uninterrupted run bit for bit: weights, optimizer and guard state, RNG states, carried
-memory state and the sampler position are restored, and learning rates are functions of the step.
+of an uninterrupted run bit for bit, and so do the logged metric keys: every object that carries
+state across steps saves itself (``state_dict()`` / ``load_state_dict()``) and :meth:`Trainer.save`
+hands them to the checkpoint by name (see :meth:`Trainer.stateful`): the weights, the coordinator
+(optimizers, guard, gradient monitor), the trainer's progress, the data sampler, the carried
+model state and the RNG. Learning rates are functions of the step, and the precision that
+``train.precision = "auto"`` measured is recorded and reused.
+
+SIGINT (Ctrl-C) and SIGTERM stop training between steps: the current step finishes, a
+checkpoint is written, and :class:`TrainingInterrupted` says how to resume. A second signal
+gets the previous behaviour at once (Ctrl-C: KeyboardInterrupt; SIGTERM: exit); checkpoints
+are written atomically, so that cannot corrupt one.
 
 Two levels of optimisation: the inner loop (memory fast weights) runs inside the model's forward;
 the outer loop is backprop through the :class:`~neatlm.grad.coordinator.GradientCoordinator`,
@@ -12,53 +21,135 @@ which owns every component's optimizer, schedule, clipping and NaN guard.
 
 from __future__ import annotations
 
-import base64
 import math
+import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, from_dict, to_toml
 from ..data.source import build_data
-from ..data.synthetic import IGNORE
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import NeatError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
 from ..hardware import detect
+from ..nn.loss import lm_loss, scored_count
 from ..nn.memory import TTLControl
-from ..nn.model import NeatLM, lm_loss
+from ..nn.model import NeatLM
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
-from .state_io import detach_state, flatten_state, unflatten_state
+from .objective import StepObjective
+from .state_io import CarriedState, RNGState, detach_state
 
 
-def _encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
+class TrainingInterrupted(NeatError):
+    """Training stopped on a signal after writing a checkpoint. ``exit_code`` is 128 + the signal
+    number (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+class RunDirectoryInUse(NeatError):
+    """A new run was pointed at a directory that already holds a run."""
+
+
+@dataclass
+class TrainProgress:
+    """The trainer's own counters: completed steps, best validation loss, training time so far."""
+
+    step: int = 0
+    best_val: float = math.inf
+    elapsed_s: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best_val": self.best_val, "elapsed_s": self.elapsed_s}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        step, best, elapsed = sd["step"], sd["best_val"], sd.get("elapsed_s", 0.0)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step {step!r} is not a step count")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (best, elapsed)):
+            raise ValueError("best_val and elapsed_s must be numbers")
+        self.step, self.best_val, self.elapsed_s = step, float(best), float(elapsed)
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM set ``signum`` (the loop checks it between steps); a second signal restores
+    the handlers that were there before and is delivered to them. A signal the process ignores
+    (e.g. SIGINT of a background job) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
+        for s in self.SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            os.write(2, f"neat: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+                        "(again to quit at once)\n".encode())
+            return
+        self.uninstall()
+        signal.raise_signal(signum)
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run must not mix its metrics and checkpoints into an earlier run's."""
+    if ckpt.list_checkpoints(run_dir):
+        raise RunDirectoryInUse(f"{run_dir} already holds a run: continue it with `neat train --resume {run_dir}` "
+                                "or choose another --run-dir")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        raise RunDirectoryInUse(f"{run_dir} already holds the metrics of a run that wrote no checkpoint: choose "
+                                f"another --run-dir, or delete {run_dir} to start over")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: ckpt.Checkpoint | None = None):
         self.cfg = cfg
         t = cfg.train
         self.run_dir = Path(run_dir or t.run_dir)
+        if _resume_from is None:
+            refuse_existing_run(self.run_dir)
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.hw = detect(t.device, t.precision, probe_size=cfg.model.dim * 2)
+        # a resumed run keeps the device type and precision it resolved (and measured) before
+        recorded = _resume_from.hardware if _resume_from is not None else None
+        self.hw = detect(t.device, t.precision, probe_size=cfg.model.dim * 2, recorded=recorded)
         self.dist = init_distributed(self.hw.device.type)
         if self.dist.enabled and self.hw.device.type == "cuda":
             self.hw.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and self.hw.timings:  # measured on every rank: all follow rank 0
+            import torch.distributed as tdist
+
+            choice = [self.hw.precision]
+            tdist.broadcast_object_list(choice, src=0)
+            self.hw.precision = choice[0]
         self.rows = self.dist.rows(t.batch_size)
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
@@ -66,59 +157,67 @@ class Trainer:
         self.sampler = self.data.sampler
         specs = component_specs(cfg)
         try:
-            self.checkpointing = self._apply_checkpointing(specs)  # before DDP: paths of the bare model
+            self.checkpointing = self._apply_checkpointing(specs)
         except ValueError as exc:  # e.g. orphan parameters when units = "components"
             raise ConfigError(str(exc)) from None
-        # DDP averages gradients over ranks; the plain model is kept for eval and checkpoints
-        # during TTL warmup the memory gates get no gradient: DDP must be told some may be unused
-        self.ddp_model = DDP(self.model, device_ids=[self.dist.local_rank] if self.hw.device.type == "cuda" else None,
-                             find_unused_parameters=cfg.ttl.warmup_steps > 0) if self.dist.enabled else self.model
+        # one backward per segment of every micro-batch, weighted by the step objective alone
+        # (the coordinator is told accum_steps=1 so that it does not scale the losses again); under
+        # torchrun the coordinator averages the gradients over processes once per step, in step()
+        self.objective = StepObjective(t.accum_steps, t.segments)
         try:
-            # one backward per segment of every micro-batch; objectives are scaled to match
-            self.coord = GradientCoordinator(self.ddp_model, specs, total_steps=t.steps,
-                                             accum_steps=t.accum_steps * t.segments, guard=cfg.guard,
-                                             monitor_every=t.log_every)
+            self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, accum_steps=1,
+                                             guard=cfg.guard, monitor_every=t.log_every)
         except ValueError as exc:  # orphan or doubly claimed parameters
             raise ConfigError(str(exc)) from None
-        self.carry = None  # model state kept across steps when memory.reset = "never"
-        self.step = 0
-        self.best_val = float("inf")
+        self.progress = TrainProgress()
+        self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
             self._restore(_resume_from)
 
-    # ------------------------------------------------------------------ resume
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def best_val(self) -> float:
+        return self.progress.best_val
+
+    @property
+    def carry(self) -> Any:
+        return self.carried.value
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def stateful(self) -> dict[str, ckpt.Stateful]:
+        """Everything a checkpoint holds, by name; each object saves and restores itself."""
+        return {
+            "model": self.model,
+            "optimizer": ckpt.StateFunctions(lambda: self.coord.state_dict(include_backups=True),
+                                             self.coord.load_state_dict),
+            "progress": self.progress,
+            "sampler": self.sampler,
+            "carry": self.carried,
+            "rng": RNGState(),
+        }
 
     @classmethod
     def resume(cls, path: str | Path, overrides: list[str] | None = None) -> "Trainer":
         """Continue the run in ``path`` (a run dir or one of its checkpoint dirs) with its saved config."""
         from ..config import apply_overrides, validate
 
-        ckpt_dir = ckpt.resolve(path)
-        _, _, state, _ = ckpt.load_checkpoint(ckpt_dir)  # verify before building anything
-        cfg = from_dict(state["config"])
+        found = ckpt.read_checkpoint(path)  # verify everything before building anything
+        cfg = from_dict(found.config)
         if overrides:
             apply_overrides(cfg, overrides)
             validate(cfg)
-        return cls(cfg, run_dir=ckpt_dir.parent.parent, _resume_from=ckpt_dir)
+        return cls(cfg, run_dir=found.path.parent.parent, _resume_from=found)
 
-    def _restore(self, ckpt_dir: Path) -> None:
-        model_tensors, optim_state, state, extra = ckpt.load_checkpoint(ckpt_dir)
-        missing, unexpected = self.model.load_state_dict(model_tensors, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{ckpt_dir}/model.safetensors does not match the config "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        try:
-            self.coord.load_state_dict(optim_state)
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{ckpt_dir}/optimizer.pt does not match the components: {exc}") from None
-        self.step = state["step"]
-        self.best_val = state.get("best_val", float("inf"))
-        self.sampler.position = state["sampler_position"]
-        if state.get("carry") is not None:
-            self.carry = unflatten_state(state["carry"], extra, self.hw.device)
-        torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
-        if torch.cuda.is_available() and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
+    def _restore(self, found: ckpt.Checkpoint) -> None:
+        found.restore(self.stateful())
         if self.dist.is_main:
             truncate_after(self.run_dir, self.step)
 
@@ -135,23 +234,16 @@ class Trainer:
         if not self.dist.is_main:
             barrier(self.dist)
             return None
-        rng = {"torch": _encode_rng(torch.get_rng_state())}
-        if torch.cuda.is_available():
-            rng["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
-        state = {"config": self.cfg.to_dict(), "sampler_position": self.sampler.position, "rng": rng,
-                 "best_val": self.best_val, "device": str(self.hw.device), "precision": self.hw.precision}
-        optim = self.coord.state_dict(include_backups=True)
-        extra: dict[str, torch.Tensor] = {}
-        if self.carry is not None:  # memory that persists across batches is part of the run's state
-            state["carry"], extra = flatten_state(self.carry)
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), optim, state,
-                                    keep_last=self.cfg.train.keep_last, extra_tensors=extra)
+        meta = {"config": self.cfg.to_dict(),
+                "hardware": {"device": self.hw.device.type, "precision": self.hw.precision}}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.stateful(), keep_last=self.cfg.train.keep_last,
+                                    meta=meta)
         barrier(self.dist)
         return path
 
     # ------------------------------------------------------------------ loop
 
-    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, last_window: bool,
+    def _backward_window(self, x: torch.Tensor, y: torch.Tensor,
                          ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """Forward and backward one micro-batch window as consecutive segments.
 
@@ -159,48 +251,47 @@ class Trainer:
         never spans more than one segment. Returns (summed loss, scored tokens, the model's
         statistics from the last segment).
         """
-        t, reset = self.cfg.train, self.cfg.memory.reset
-        scored = int((y != IGNORE).sum())
-        state = self.carry if reset == "never" else None
+        segments, reset = self.objective.segments, self.cfg.memory.reset
+        scored = scored_count(y)
+        state = self.carried.value if reset == "never" else None
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
-        for i, (xs, ys) in enumerate(zip(x.chunk(t.segments, dim=1), y.chunk(t.segments, dim=1))):
+        for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
             if reset == "batch":
                 state = None
-            last = last_window and i == t.segments - 1
-            # DDP all-reduces gradients once per optimizer step, on the last backward
-            sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
-            with sync:
-                with self.hw.autocast():
-                    out = self.ddp_model(xs, state, ttl)
-                    loss_sum = lm_loss(out.logits, ys, reduction="sum")
-                    # the coordinator divides by accum_steps * segments: this sums to the window mean
-                    objective = loss_sum * t.segments / max(scored, 1)
-                    if out.aux_loss is not None:
-                        objective = objective + out.aux_loss
-                self.coord.backward(objective)
+            with self.hw.autocast():
+                out = self.model(xs, state, ttl)
+                loss_sum = lm_loss(out.logits, ys, reduction="sum")
+                objective = self.objective.term(loss_sum, scored, out.aux_loss)
+            self.coord.backward(objective)
             state = detach_state(out.state)
             stats = out.stats or stats
             total += loss_sum.detach()
         if reset == "never":
-            self.carry = state
+            self.carried.value = state
         return total, scored, stats
 
-    def train_step(self, log: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    def is_log_step(self) -> bool:
+        """Whether the next step is recorded: the monitor's schedule (steps 1, 1 + log_every, ...
+        and the last), the one place this is decided."""
+        return self.coord.monitor.is_log_step(self.step)
+
+    def train_step(self, log: bool | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step over ``accum_steps`` micro-batches.
 
         Returns (mean loss, coordinator stats: per-component norms, learning rates, skips and,
-        on ``log`` steps, update ratios and gradient cosines).
+        on logged steps, update ratios and gradient cosines). ``log`` overrides the schedule.
         """
         t, dev = self.cfg.train, self.hw.device
+        log = self.is_log_step() if log is None else log
         total, scored = torch.zeros((), device=dev), 0
         # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
         ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
         model_stats: dict[str, torch.Tensor] = {}
-        for micro in range(t.accum_steps):
+        for _ in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
-            loss_sum, n, window_stats = self._backward_window(x, y, micro == t.accum_steps - 1, ttl)
+            loss_sum, n, window_stats = self._backward_window(x, y, ttl)
             total += loss_sum
             scored += n
             model_stats = window_stats or model_stats
@@ -208,7 +299,7 @@ class Trainer:
         self.coord.zero_grad()
         stats.update({k: v.item() for k, v in model_stats.items()})  # from the last segment's forward
         self.step += 1
-        return all_reduce_mean(total / max(scored, 1), self.dist), stats
+        return all_reduce_mean(self.objective.mean_loss(total, scored), self.dist), stats
 
     def _apply_checkpointing(self, specs: list[ComponentSpec]) -> str:
         """Apply ``[checkpointing]`` to the model; returns a one-line report for ``neat train``."""
@@ -236,8 +327,18 @@ class Trainer:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
                         self.hw.device, self.hw.autocast(), accuracy=self.data.task == "mqar")
 
+    def _stop_requested(self, stop: _StopRequests) -> bool:
+        """Whether a signal asked to stop; under torchrun, whether any process got one (all stop together)."""
+        flag = stop.signum is not None
+        if self.dist.enabled:
+            flag = bool(all_reduce_mean(torch.tensor(float(flag), device=self.hw.device), self.dist) > 0)
+        return flag
+
     def train(self, until_step: int | None = None) -> dict[str, float]:
-        """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there)."""
+        """Train to ``train.steps`` (or stop early at ``until_step``, saving a checkpoint there).
+
+        Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM, once a checkpoint is written.
+        """
         t, e = self.cfg.train, self.cfg.eval
         end = t.steps if until_step is None else min(until_step, t.steps)
         main = self.dist.is_main  # only rank 0 writes files and shows progress
@@ -245,16 +346,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
         metrics = MetricsWriter(self.run_dir) if main else None
-        tokens_per_step = t.batch_size * t.seq_len * t.accum_steps
+        tokens_per_step = t.batch_size * t.seq_len * t.segments * t.accum_steps  # a window is segments * seq_len
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
                    dynamic_ncols=True)
         last: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
-        started = window_start
+        started = window_start - self.progress.elapsed_s  # training time carries over a resume
+        stop = _StopRequests()
         try:
+            stop.install()
             while self.step < end:
-                # records at steps 1, 1 + log_every, ... (the coordinator's monitor steps) and the last
-                log = self.step % t.log_every == 0 or self.step + 1 == end
+                log = self.is_log_step()
                 loss, stats = self.train_step(log=log)
                 window_steps += 1
                 if log:
@@ -271,20 +373,30 @@ class Trainer:
                                     tok_s=f"{last['tokens_per_s']:.0f}")
                     window_steps = 0
                     window_start = time.perf_counter()
-                if (e.every and self.step % e.every == 0) or self.step == t.steps:
+                if self.data.has_validation and ((e.every and self.step % e.every == 0) or self.step == t.steps):
                     val = {**self.evaluate(), "elapsed_s": time.perf_counter() - started}
                     self._check_finite("validation loss", val["val_loss"])
-                    self.best_val = min(self.best_val, val["val_loss"])
+                    self.progress.best_val = min(self.best_val, val["val_loss"])
                     last.update(val)
                     if metrics:
                         metrics.write(self.step, val)
-                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, val_bpb {val['val_bpb']:.4f}")
+                        bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, "
+                                  f"val_bpb {val['val_bpb']:.4f}")
                     window_start = time.perf_counter()  # do not charge evaluation to tokens/s
-                if self.step % t.save_every == 0 or self.step == end:
-                    self.save()
+                stopping = self._stop_requested(stop) and self.step < end  # at the end: just finish
+                if self.step % t.save_every == 0 or self.step == end or stopping:
+                    self.progress.elapsed_s = time.perf_counter() - started
+                    path = self.save()
                     window_start = time.perf_counter()
                 bar.update(1)
+                if stopping:
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
+                    where = f"checkpoint {path} written" if path else "checkpoint written"
+                    raise TrainingInterrupted(f"training stopped by {name} after step {self.step}; {where}; "
+                                              f"continue with `neat train --resume {self.run_dir}`",
+                                              stop.signum or signal.SIGTERM)
         finally:
+            stop.uninstall()
             bar.close()
             if metrics:
                 metrics.close()
