@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except NeatError as exc:
         print(f"neat: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)   # an interrupted run: 130 (SIGINT) or 143 (SIGTERM)
     except KeyboardInterrupt:
         print("neat: interrupted", file=sys.stderr)
         return 130

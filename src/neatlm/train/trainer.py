@@ -365,8 +365,7 @@ class Trainer:
                     last = {"loss": loss_value, "bpb": bits_per_byte(loss_value),
                             "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                             "elapsed_s": time.perf_counter() - started, **stats}
-                    for event in self.coord.pop_events():
-                        bar.write(f"step {self.step}: guard: {event}")
+                    self.coord.pop_events()  # the guard already logged each event as one line
                     if metrics:
                         metrics.write(self.step, last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{last['bpb']:.3f}",
