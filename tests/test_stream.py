@@ -69,3 +69,24 @@ def test_compressors_report_bits_per_byte():
     assert all(0 < v < 8 for v in bpb.values())
     with pytest.raises(ValueError, match="call_len"):
         stream_eval(memory_model(), files, call_len=0)
+
+
+def test_neat_eval_stream_reports_buckets_and_compressors(corpus_dir, tmp_path, capsys):
+    import json
+
+    from conftest import small_config
+    from neatlm.cli import main
+    from neatlm.train.trainer import Trainer
+
+    cfg = small_config(corpus_dir, tmp_path / "run", steps=2)
+    cfg.model.window, cfg.memory.enabled, cfg.memory.chunk_size = 16, True, 8
+    Trainer(cfg).train()
+    capsys.readouterr()
+    results = {}
+    for flag in ([], ["--no-ttl"]):
+        assert main(["eval", "--run", str(tmp_path / "run"), "--stream", "--max-files", "2", *flag]) == 0
+        results[bool(flag)] = json.loads(capsys.readouterr().out)
+    on, off = results[False], results[True]
+    assert on["ttl"] and not off["ttl"] and on["documents"] == 2
+    assert on["bpb"]["all"] != off["bpb"]["all"] and on["bpb"]["16K+"] is None
+    assert set(on["compressors_bpb"]) == {"zlib", "bz2", "xz"}

@@ -215,6 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate
 
     model, cfg = _load_run(args.run)
+    if args.stream:
+        return _stream_eval(model, cfg, args)
     if args.task:
         apply_overrides(cfg, [f"data.task={args.task}"])
         validate(cfg)
@@ -224,6 +226,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = data.validation(args.batches or cfg.eval.batches)
     result = evaluate(model, batches, cfg.train.segments, hw.device, accuracy=data.task == "mqar")
     print(json.dumps({"task": data.task, **{k: round(v, 4) for k, v in result.items()}}))
+    return 0
+
+
+def _stream_eval(model, cfg, args: argparse.Namespace) -> int:
+    """``neat eval --stream``: every held-out document whole, state carried, memory learning as it
+    reads (unless --no-ttl); bits per byte overall and by position, beside general compressors."""
+    from .data.corpus import held_out_documents
+    from .hardware import detect
+    from .train.stream import compressor_bits_per_byte, stream_eval, streaming_model
+
+    if cfg.data.task != "text":
+        raise NeatError(f"--stream reads held-out text files; this run's data.task is {cfg.data.task!r}")
+    docs = held_out_documents(cfg.data)
+    if args.max_files:
+        docs = docs[:args.max_files]
+    if not docs:
+        raise NeatError(f"--stream: the run's data ({cfg.data.path or 'stdlib'}) has no held-out documents "
+                        "(data.val_fraction is 0)")
+    hw = detect(cfg.train.device, "fp32")
+    model = streaming_model(model.to(hw.device))
+    result = stream_eval(model, docs, call_len=args.call_len, learn=not args.no_ttl, device=hw.device)
+    def rounded(d: dict[str, float]) -> dict[str, float | None]:  # null for an empty bucket (JSON has no NaN)
+        return {k: None if math.isnan(v) else round(v, 4) for k, v in d.items()}
+
+    bpb, ref = rounded(result.bits_per_byte()), rounded(compressor_bits_per_byte(docs))
+    print(json.dumps({"task": "stream", "ttl": not args.no_ttl, "documents": len(docs),
+                      "bytes": sum(len(d) for d in docs), "bpb": bpb, "compressors_bpb": ref}))
     return 0
 
 
@@ -314,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=_count, default=0, help="0 = eval.batches of the run's config")
     p.add_argument("--task", choices=("text", "mqar"), default=None,
                    help="text: validation bits per byte; mqar: query accuracy (default: the run's task)")
+    p.add_argument("--stream", action="store_true",
+                   help="read every held-out file whole with state carried; bits per byte by position in the "
+                        "file, beside zlib/bz2/xz")
+    p.add_argument("--no-ttl", action="store_true", help="with --stream: memories read W0 and never learn")
+    p.add_argument("--call-len", type=_positive, default=256, help="with --stream: bytes per model call")
+    p.add_argument("--max-files", type=_count, default=0, help="with --stream: first N held-out files (0 = all)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("gradcheck", help="check every parameter's gradient against central differences")

@@ -59,42 +59,64 @@ def _read(path: Path) -> bytes:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read the corpus named by ``cfg.path`` (empty = stdlib ``.py`` files) and split it."""
-    extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
-                       for e in cfg.extensions.split(",") if e.strip())
+def _extensions(cfg: DataConfig) -> tuple[str, ...]:
+    return tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
+                 for e in cfg.extensions.split(",") if e.strip())
+
+
+def _root(cfg: DataConfig) -> tuple[Path, str]:
+    """(the corpus file or directory, a description for messages)."""
     if cfg.path:
         root = Path(cfg.path).expanduser()
         if not root.exists():
             raise DataError(f"data.path = {cfg.path!r}: no such file or directory")
-        source = str(root)
-    else:
-        root = stdlib_root()
-        source = f"Python standard library ({root})"
-        if not root.is_dir():
-            raise DataError(f"the Python standard library was not found at {root}; set data.path")
+        return root, str(root)
+    root = stdlib_root()
+    if not root.is_dir():
+        raise DataError(f"the Python standard library was not found at {root}; set data.path")
+    return root, f"Python standard library ({root})"
 
+
+def _split_files(root: Path, source: str, cfg: DataConfig) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files) of a directory corpus, split by a hash of each path."""
+    extensions = _extensions(cfg)
+    files = list_files(root, extensions)
+    if not files:
+        raise DataError(f"{source}: no files ending in {', '.join(extensions) or '(any)'} (see data.extensions)")
+    train, val = [], []
+    for path in files:
+        (val if is_validation(path.relative_to(root).as_posix(), cfg.val_fraction) else train).append(path)
+    if cfg.val_fraction > 0 and not val:  # tiny directories: hold out the last file
+        val.append(train.pop())
+    return train, val
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the corpus named by ``cfg.path`` (empty = stdlib ``.py`` files) and split it."""
+    root, source = _root(cfg)
     if root.is_file():
         data = np.frombuffer(_read(root), dtype=np.uint8)
         if data.size < 2:
             raise DataError(f"data.path = {cfg.path!r}: the file is empty")
         n_val = int(round(data.size * cfg.val_fraction))
         return Corpus(data[: data.size - n_val], data[data.size - n_val:], source, 1, 0)
-
-    files = list_files(root, extensions)
-    if not files:
-        raise DataError(f"{source}: no files ending in {', '.join(extensions) or '(any)'} (see data.extensions)")
-    train_parts, val_parts = [], []
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        (val_parts if is_validation(rel, cfg.val_fraction) else train_parts).append(_read(path))
-    if cfg.val_fraction > 0 and not val_parts:  # tiny directories: hold out the last file
-        val_parts.append(train_parts.pop())
-    train = np.frombuffer(b"".join(train_parts), dtype=np.uint8)
-    val = np.frombuffer(b"".join(val_parts), dtype=np.uint8)
+    train_files, val_files = _split_files(root, source, cfg)
+    train = np.frombuffer(b"".join(_read(p) for p in train_files), dtype=np.uint8)
+    val = np.frombuffer(b"".join(_read(p) for p in val_files), dtype=np.uint8)
     if train.size < 2:
         raise DataError(f"{source}: the training files are empty")
-    return Corpus(train, val, source, len(train_parts), len(val_parts))
+    return Corpus(train, val, source, len(train_files), len(val_files))
+
+
+def held_out_documents(cfg: DataConfig) -> list[bytes]:
+    """The held-out documents whole, in a fixed order: each held-out file of a directory corpus,
+    or the held-out tail of a single-file corpus (streaming evaluation reads them one by one)."""
+    root, source = _root(cfg)
+    if root.is_file():
+        data = _read(root)
+        n_val = int(round(len(data) * cfg.val_fraction))
+        return [data[len(data) - n_val:]] if n_val else []
+    return [_read(p) for p in _split_files(root, source, cfg)[1]]
 
 
 class BatchSampler:
