@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from neatlm.data.passkey import QUESTION, needle, passkey_accuracy, passkey_batch, passkey_example
-from neatlm.data.synthetic import IGNORE
+from neatlm.nn.loss import IGNORE_INDEX as IGNORE
 
 HAY = np.frombuffer(b"".join(b"def f_%d(x):\n    return x + %d\n" % (i, i % 7) for i in range(400)), dtype=np.uint8)
 

@@ -90,3 +90,36 @@ def test_neat_eval_stream_reports_buckets_and_compressors(corpus_dir, tmp_path, 
     assert on["ttl"] and not off["ttl"] and on["documents"] == 2
     assert on["bpb"]["all"] != off["bpb"]["all"] and on["bpb"]["16K+"] is None
     assert set(on["compressors_bpb"]) == {"zlib", "bz2", "xz"}
+    assert main(["eval", "--run", str(tmp_path / "run"), "--task", "passkey", "--lengths", "96,160",
+                 "--examples", "2"]) == 0
+    passkey = json.loads(capsys.readouterr().out)
+    assert set(passkey["accuracy"]) == {"96", "160"}
+    assert main(["eval", "--run", str(tmp_path / "run"), "--task", "passkey", "--lengths", "9999999"]) == 2
+    assert "held-out text has only" in capsys.readouterr().err
+
+
+def test_passkey_eval_streams_each_length_and_scores_only_the_answer():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from neatlm.data.passkey import passkey_batch
+    from neatlm.train.stream import passkey_eval
+
+    model = memory_model()
+    hay = np.frombuffer(text(5000), dtype=np.uint8)
+    acc = passkey_eval(model, hay, [100, 300], examples=3, call_len=64)
+    assert set(acc) == {100, 300} and all(0.0 <= a <= 1.0 for a in acc.values())
+    _, y = passkey_batch(hay, 3, 300, seed=300)
+
+    class Oracle(torch.nn.Module):
+        """Right at every scored position, whatever it predicts elsewhere; its state is the position."""
+
+        def forward(self, idx, state=None, ttl=None):
+            start = state or 0
+            logits = torch.zeros(idx.shape[0], idx.shape[1], 256)
+            logits.scatter_(-1, y[:, start:start + idx.shape[1]].clamp_min(0)[..., None], 1.0)
+            return SimpleNamespace(logits=logits, state=start + idx.shape[1])
+
+    assert passkey_eval(Oracle(), hay, [300], examples=3, call_len=64) == {300: 1.0}
+    assert passkey_eval(Oracle(), hay, [300], examples=3, call_len=3) == {300: 1.0}   # answer split over calls

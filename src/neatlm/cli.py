@@ -66,6 +66,15 @@ def _finite_float(low: float, inclusive: bool):
 
 _count = _int_at_least(0)
 _positive = _int_at_least(1)
+
+
+def _lengths(value: str) -> list[int]:
+    """A comma-separated list of passkey lengths, each an integer >= 64."""
+    parse = _int_at_least(64)
+    items = [v for v in _text(value).split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected lengths such as 1024,4096, got {value!r}")
+    return [parse(v) for v in items]
 _seed = _int_at_least(0, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -217,6 +226,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = _load_run(args.run)
     if args.stream:
         return _stream_eval(model, cfg, args)
+    if args.task == "passkey":
+        return _passkey_eval(model, cfg, args)
     if args.task:
         apply_overrides(cfg, [f"data.task={args.task}"])
         validate(cfg)
@@ -253,6 +264,28 @@ def _stream_eval(model, cfg, args: argparse.Namespace) -> int:
     bpb, ref = rounded(result.bits_per_byte()), rounded(compressor_bits_per_byte(docs))
     print(json.dumps({"task": "stream", "ttl": not args.no_ttl, "documents": len(docs),
                       "bytes": sum(len(d) for d in docs), "bpb": bpb, "compressors_bpb": ref}))
+    return 0
+
+
+def _passkey_eval(model, cfg, args: argparse.Namespace) -> int:
+    """``neat eval --task passkey``: a needle at a random depth in held-out text, at each length."""
+    import numpy as np
+
+    from .data.corpus import held_out_documents
+    from .hardware import detect
+    from .train.stream import passkey_eval, streaming_model
+
+    docs = held_out_documents(cfg.data) if cfg.data.task == "text" else []
+    haystack = np.frombuffer(b"".join(docs), dtype=np.uint8)
+    if haystack.size < max(args.lengths):
+        raise NeatError(f"--lengths {max(args.lengths)}: the run's held-out text has only {haystack.size} bytes "
+                        "to hide the needle in")
+    hw = detect(cfg.train.device, "fp32")
+    model = streaming_model(model.to(hw.device))
+    acc = passkey_eval(model, haystack, args.lengths, examples=args.examples, call_len=args.call_len,
+                       learn=not args.no_ttl, device=hw.device)
+    print(json.dumps({"task": "passkey", "ttl": not args.no_ttl, "examples": args.examples,
+                      "accuracy": {str(k): round(v, 4) for k, v in acc.items()}}))
     return 0
 
 
@@ -341,13 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation bits per byte of a trained run")
     p.add_argument("--run", type=_text, required=True, metavar="RUN_DIR")
     p.add_argument("--batches", type=_count, default=0, help="0 = eval.batches of the run's config")
-    p.add_argument("--task", choices=("text", "mqar"), default=None,
-                   help="text: validation bits per byte; mqar: query accuracy (default: the run's task)")
+    p.add_argument("--task", choices=("text", "mqar", "passkey"), default=None,
+                   help="text: validation bits per byte; mqar: query accuracy; passkey: retrieval accuracy "
+                        "at --lengths (default: the run's task)")
+    p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="with --task passkey")
+    p.add_argument("--examples", type=_positive, default=20, help="with --task passkey: examples per length")
     p.add_argument("--stream", action="store_true",
                    help="read every held-out file whole with state carried; bits per byte by position in the "
                         "file, beside zlib/bz2/xz")
-    p.add_argument("--no-ttl", action="store_true", help="with --stream: memories read W0 and never learn")
-    p.add_argument("--call-len", type=_positive, default=256, help="with --stream: bytes per model call")
+    p.add_argument("--no-ttl", action="store_true",
+                   help="with --stream or --task passkey: memories read W0 and never learn")
+    p.add_argument("--call-len", type=_positive, default=256,
+                   help="with --stream or --task passkey: bytes per model call")
     p.add_argument("--max-files", type=_count, default=0, help="with --stream: first N held-out files (0 = all)")
     p.set_defaults(func=cmd_eval)
 

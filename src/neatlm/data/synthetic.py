@@ -17,7 +17,6 @@ from torch import Tensor
 from ..nn.loss import IGNORE_INDEX
 from .corpus import _position
 
-IGNORE = IGNORE_INDEX  # the same marker under its older name; neatlm.nn.loss defines it
 
 
 def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: int | None = None,

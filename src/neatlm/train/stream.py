@@ -118,3 +118,33 @@ def compressor_bits_per_byte(files: Sequence[bytes]) -> dict[str, float]:
         "xz": sum(len(lzma.compress(d, preset=9 | lzma.PRESET_EXTREME)) for d in files),
     }
     return {name: 8 * size / total for name, size in sizes.items()}
+
+
+@torch.no_grad()
+def passkey_eval(model: NeatLM, haystack, lengths: Sequence[int], examples: int = 20, call_len: int = 256,
+                 learn: bool = True, seed: int = 0, digits: int = 5,
+                 device: torch.device | str = "cpu") -> dict[int, float]:
+    """Passkey retrieval accuracy (every answer digit right) at each haystack length.
+
+    Each example is read ``call_len`` bytes at a time with the state carried, so memory stays
+    bounded at any length; only the logits of the answer positions are kept.
+    ``haystack``: uint8 held-out text the needles are hidden in.
+    """
+    from ..data.passkey import passkey_accuracy, passkey_batch
+
+    was_training = model.training
+    model.eval()
+    ttl = TTLControl(learn=learn)
+    accuracy = {}
+    for length in lengths:
+        x, y = passkey_batch(haystack, examples, length, seed=seed + length, digits=digits)
+        x, answer = x.to(device), length - digits         # targets from ``answer`` on are the digits
+        state, kept = None, []
+        for start in range(0, length, call_len):
+            out = model(x[:, start:start + call_len], state, ttl)
+            state = detach_state(out.state)
+            if start + call_len > answer:
+                kept.append(out.logits[:, max(answer - start, 0):].float().cpu())
+        accuracy[length] = passkey_accuracy(torch.cat(kept, 1), y[:, answer:])
+    model.train(was_training)
+    return accuracy
