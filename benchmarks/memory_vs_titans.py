@@ -112,18 +112,13 @@ def build(impl: str):
                            default_step_transform_max_lr=MAX_LR, max_grad_norm=MAX_GRAD_NORM,
                            default_model_kwargs=dict(depth=DEPTH, expansion_factor=EXPANSION))
         return lambda x: mem(x)[0], mem
-    import functools
-
-    import neatlm.nn.memory as nm
     import neatlm.ops.memory.chunk as chunk
     from neatlm.nn.memory import NeuralMemory
-    if impl in ("neatlm-autograd", "neatlm-func"):
-        # the layer's scan with fused=False: autograd does the outer backward
-        nm.memory_scan = functools.partial(chunk.memory_scan, fused=False)
-    if impl == "neatlm-func":
+    if impl == "neatlm-func":  # inner gradients by vmap(grad) instead of the analytic recursion
         chunk.inner_grads = _func_inner_grads
+    mode = "chunk" if impl == "neatlm" else "autograd"   # autograd: no hand-written outer backward
     mem = NeuralMemory(DIM, heads=HEADS, dim_head=DIM // HEADS, chunk_size=CHUNK, depth=DEPTH, expansion=EXPANSION,
-                       norm=True, residual=True, max_lr=MAX_LR, max_grad_norm=MAX_GRAD_NORM)
+                       norm=True, residual=True, max_lr=MAX_LR, max_grad_norm=MAX_GRAD_NORM, mode=mode)
     return lambda x: mem(x)[0], mem
 
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from neatlm.config import load_config  # noqa: E402
 from neatlm.data.corpus import BatchSampler  # noqa: E402
-from neatlm.nn.model import NeatLM, lm_loss  # noqa: E402
+from neatlm.nn.loss import lm_loss  # noqa: E402
+from neatlm.nn.model import NeatLM  # noqa: E402
 from neatlm.train.trainer import Trainer  # noqa: E402
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from neatlm.config import Config
-from neatlm.nn.model import NeatLM, generate, lm_loss
+from neatlm.nn.loss import lm_loss
+from neatlm.nn.model import NeatLM, generate
 
 
 def tiny(window: int = 0, **model) -> NeatLM:

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from neatlm.data.passkey import QUESTION, needle, passkey_accuracy, passkey_batch, passkey_example
-from neatlm.nn.loss import IGNORE_INDEX as IGNORE
+from neatlm.data.passkey import QUESTION, min_length, needle, passkey_accuracy, passkey_batch, passkey_example
+from neatlm.errors import DataError
+from neatlm.nn.loss import IGNORE_INDEX
 
 HAY = np.frombuffer(b"".join(b"def f_%d(x):\n    return x + %d\n" % (i, i % 7) for i in range(400)), dtype=np.uint8)
 
@@ -19,7 +20,7 @@ def test_needle_before_question_and_only_digits_scored(length):
         q = seq.rindex(QUESTION)
         assert q == length + 1 - len(QUESTION) - 5
         assert seq.index(needle(key)) == depth and depth + len(needle(key)) <= q   # never inside the question
-        scored = (y != IGNORE).nonzero().flatten().tolist()
+        scored = (y != IGNORE_INDEX).nonzero().flatten().tolist()
         assert scored == list(range(length - 5, length))
         assert bytes(y[scored].tolist()).decode() == key
 
@@ -40,7 +41,8 @@ def test_accuracy_needs_every_digit_and_bad_lengths_fail():
     logits[0, -1] = 0.0
     logits[0, -1, (int(y[0, -1]) + 1) % 256] = 9.0
     assert passkey_accuracy(logits, y) == 0.5
-    with pytest.raises(ValueError, match="needs at least"):
+    with pytest.raises(DataError, match="at least 79"):
         passkey_example(HAY, 20, 0)
-    with pytest.raises(ValueError, match="haystack"):
+    assert min_length() == 79
+    with pytest.raises(DataError, match="haystack"):
         passkey_example(HAY[:50], 500, 0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from neatlm.config import Config
-from neatlm.nn.model import NeatLM, lm_loss
+from neatlm.nn.loss import lm_loss
+from neatlm.nn.model import NeatLM
 from neatlm.train.state_io import flatten_state
 from neatlm.train.stream import BUCKET_NAMES, compressor_bits_per_byte, stream_eval, streaming_model
 

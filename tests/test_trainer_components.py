@@ -8,7 +8,7 @@ from neatlm.cli import main
 from neatlm.config import ConfigError, apply_overrides, load_config
 from neatlm.data.corpus import BatchSampler
 from neatlm.grad.checkpointing import current_policies, measure_activations
-from neatlm.nn.model import lm_loss
+from neatlm.nn.loss import lm_loss
 from neatlm.train.metrics import read_metrics
 from neatlm.train.trainer import Trainer
 

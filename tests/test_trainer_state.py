@@ -3,7 +3,7 @@
 import torch
 
 from conftest import small_config
-from neatlm.nn.model import lm_loss
+from neatlm.nn.loss import lm_loss
 from neatlm.train.metrics import read_metrics
 from neatlm.train.trainer import Trainer
 

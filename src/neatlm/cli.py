@@ -69,8 +69,10 @@ _positive = _int_at_least(1)
 
 
 def _lengths(value: str) -> list[int]:
-    """A comma-separated list of passkey lengths, each an integer >= 64."""
-    parse = _int_at_least(64)
+    """A comma-separated list of passkey lengths, each long enough for the needle and the question."""
+    from .data.passkey import min_length
+
+    parse = _int_at_least(min_length())
     items = [v for v in _text(value).split(",") if v.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"expected lengths such as 1024,4096, got {value!r}")
@@ -189,18 +191,10 @@ def _load_run(run: str):
     from .train import checkpoint as ckpt
 
     _check_dir("--run", run, "run or checkpoint directory")
-    tensors, _, state, _ = ckpt.load_checkpoint(run)
-    saved = ckpt.resolve(run) / "state.json"
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{saved}: has no saved config")
-    cfg = from_dict(state["config"])
+    found = ckpt.read_checkpoint(run)   # every file verified, the weights checked against the saved config
+    cfg = from_dict(found.config)
     model = NeatLM(cfg)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{saved.parent / 'model.safetensors'} does not match the config in {saved} "
-                              f"({first})") from None
+    model.load_state_dict(found.states["model"])
     return model, cfg
 
 
@@ -224,10 +218,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluate import evaluate
 
     model, cfg = _load_run(args.run)
-    if args.stream:
-        return _stream_eval(model, cfg, args)
     if args.task == "passkey":
         return _passkey_eval(model, cfg, args)
+    if args.stream:
+        return _stream_eval(model, cfg, args)
     if args.task:
         apply_overrides(cfg, [f"data.task={args.task}"])
         validate(cfg)
@@ -275,7 +269,11 @@ def _passkey_eval(model, cfg, args: argparse.Namespace) -> int:
     from .hardware import detect
     from .train.stream import passkey_eval, streaming_model
 
-    docs = held_out_documents(cfg.data) if cfg.data.task == "text" else []
+    if args.stream:
+        raise NeatError("--stream and --task passkey are two evaluations: run them one at a time")
+    if cfg.data.task != "text":
+        raise NeatError(f"--task passkey hides the needle in held-out text; this run's data.task is {cfg.data.task!r}")
+    docs = held_out_documents(cfg.data)
     haystack = np.frombuffer(b"".join(docs), dtype=np.uint8)
     if haystack.size < max(args.lengths):
         raise NeatError(f"--lengths {max(args.lengths)}: the run's held-out text has only {haystack.size} bytes "

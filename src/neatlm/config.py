@@ -10,17 +10,16 @@ Defaults equal the ``tiny`` preset, so ``Config()`` is the model ``neat train`` 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .grad.components import ComponentSpec, parse_components
+from .grad.components import parse_components
 from .grad.guard import GuardConfig
 from .nn.memory import MemorySettings
-from .settings import ConfigError, check_rules, check_settings, coerce, field_type, setting, type_name
+from .settings import ConfigError, check_settings, coerce, field_type, setting, type_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -322,7 +321,7 @@ def validate(cfg: Config) -> None:
     if mem.enabled and not mem.detach_output and mem.chunk_size % t.seq_len == 0:
         # truncated backprop detaches the state between forwards; when every chunk ends exactly at
         # the end of a forward, its update is first read in a later forward, so no outer gradient
-        # ever reaches what wrote it (measured: exactly zero for to_k, to_v and the gates)
+        # ever reaches what wrote it (to_k, to_v and the gates would never learn)
         raise ConfigError(f"memory.chunk_size = {mem.chunk_size}: a multiple of train.seq_len = {t.seq_len}, so "
                           "every memory update falls at the end of a forward, where truncated backprop detaches "
                           "the state, and the memory's keys, values and gates never get a gradient; use a seq_len "

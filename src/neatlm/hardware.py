@@ -1,8 +1,8 @@
 """Device and precision, chosen by what exists and what measures faster, never by assumption.
 
-bf16 autocast is a win on recent GPUs and a disaster on many CPUs (about 80x slower than fp32
-on the 2-core machines this was developed on), so ``precision = "auto"`` times one matmul of the
-model's width in each candidate dtype on the chosen device and keeps the fastest.
+bf16 autocast is a win on recent GPUs and far slower than fp32 on many CPUs (those without bf16
+matrix units), so ``precision = "auto"`` times one matmul of the model's width in each candidate
+dtype on the chosen device and keeps the fastest.
 
 A measurement can come out differently the next time (a busy machine, another process on the
 GPU), and a run whose precision changed half-way is no longer reproducible. So a run records what

@@ -18,13 +18,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..nn.loss import IGNORE_INDEX
+from ..errors import DataError
+from ..nn.loss import IGNORE_INDEX, argmax_correct
 
 QUESTION = b"What is the pass key? The pass key is "
 
 
 def needle(key: str) -> bytes:
     return f" The pass key is {key}. Remember it. ".encode()
+
+
+def min_length(digits: int = 5) -> int:
+    """The shortest sequence that holds the needle, the question and the answer."""
+    return len(needle("0" * digits)) + len(QUESTION) + digits - 1
 
 
 def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 5) -> tuple[Tensor, Tensor, int]:
@@ -38,9 +44,10 @@ def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 
     tail = QUESTION + key.encode()
     filler = length + 1 - len(hidden) - len(tail)
     if filler < 0:
-        raise ValueError(f"passkey length {length}: needs at least {len(hidden) + len(tail) - 1} bytes")
+        raise DataError(f"passkey length {length}: must be at least {min_length(digits)} bytes "
+                        "(the needle and the question)")
     if haystack.size < filler:
-        raise ValueError(f"passkey length {length}: the haystack has only {haystack.size} bytes")
+        raise DataError(f"passkey length {length}: the haystack has only {haystack.size} bytes")
     rng = np.random.default_rng([seed, 1])
     start = int(rng.integers(0, haystack.size - filler + 1))
     hay = haystack[start:start + filler].tobytes()
@@ -60,6 +67,5 @@ def passkey_batch(haystack: np.ndarray, batch: int, length: int, seed: int, digi
 
 def passkey_accuracy(logits: Tensor, targets: Tensor) -> float:
     """Fraction of sequences whose every answer digit is the arg-max prediction (RULER's score)."""
-    mask = targets != IGNORE_INDEX
-    right = (logits.argmax(-1) == targets) | ~mask
-    return right.all(dim=-1).float().mean().item()
+    right, scored = argmax_correct(logits, targets)
+    return (right | ~scored).all(dim=-1).float().mean().item()

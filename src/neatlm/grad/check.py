@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..nn.model import lm_loss
+from ..nn.loss import lm_loss
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 

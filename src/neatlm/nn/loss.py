@@ -32,9 +32,15 @@ def scored_count(targets: Tensor) -> int:
     return int((targets != IGNORE_INDEX).sum())
 
 
-def argmax_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
-    """(scored positions whose arg-max prediction is the target, scored positions): the query
-    accuracy of MQAR is their ratio, summed over batches."""
+def argmax_correct(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(right, scored): boolean masks of the shape of ``targets``; ``right`` is True where a scored
+    position's arg-max prediction is its target. Every accuracy is built from these two."""
     scored = targets != IGNORE_INDEX
-    correct = int((logits.argmax(-1)[scored] == targets[scored]).sum())
-    return correct, int(scored.sum())
+    return (logits.argmax(-1) == targets) & scored, scored
+
+
+def argmax_hits(logits: Tensor, targets: Tensor) -> tuple[int, int]:
+    """(scored positions predicted right, scored positions): the query accuracy of MQAR is their
+    ratio, summed over batches."""
+    right, scored = argmax_correct(logits, targets)
+    return int(right.sum()), int(scored.sum())

@@ -76,8 +76,10 @@ class MemorySettings:
                                         "read with a stored key returns its value from the first step")
     detach_output: bool = setting(False, "outer gradients reach the memory read only, not the fast-weight "
                                   "trajectory (k, v, gates, W0 get no outer gradient)")
-    mode: str = setting("chunk", "chunk = the chunk-parallel fast path; naive = the token-loop reference "
-                        "(slow; for checking the fast path)", choices=("chunk", "naive"))
+    mode: str = setting("chunk", "chunk = the chunk-parallel fast path with its hand-written backward; "
+                        "autograd = the same chunk maths differentiated by autograd; naive = the token-loop "
+                        "reference (slow); the last two are for checking and measuring the first",
+                        choices=("chunk", "autograd", "naive"))
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ class NeuralMemory(nn.Module):
         self.window = cfg.omega_window if cfg.objective == "omega" else 1
         self.residual = cfg.residual and function == "mlp"
         self.norm = cfg.norm and function == "mlp"
-        self.naive = cfg.mode == "naive"
+        self.naive, self.fused = cfg.mode == "naive", cfg.mode == "chunk"
         self.update_every = update_every
         inner = heads * dim_head
 
@@ -323,11 +325,12 @@ class NeuralMemory(nn.Module):
             raise ValueError("read() without an update does not support conv_size > 0 (MAC with a conv)")
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
-        q = F.normalize(self._heads(self.to_q(x)), dim=-1).to(state.weights[0].dtype)
-        weights = [w.detach() if self.detach_output else w for w in state.weights]
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):   # in the fast weights' dtype, as forward
+            x = x.to(state.weights[0].dtype)
+            q = F.normalize(self._heads(self.to_q(x)), dim=-1)
+            weights = [w.detach() if self.detach_output else w for w in state.weights]
             y = memory_forward(weights, self._phi(q), self.norm)
-        return self._merge(y + q if self.residual else y)
+            return self._merge(y + q if self.residual else y)
 
     def forward(self, x: torch.Tensor, state: MemoryState | None = None,
                 ttl: TTLControl = TTLControl()) -> tuple[torch.Tensor, MemoryState]:
@@ -378,17 +381,19 @@ class NeuralMemory(nn.Module):
             upd = [None if u is None else (tuple(t.detach() for t in u) if isinstance(u, tuple) else u.detach())
                    for u in upd]
         w, s, k_all, v_all, lr_all, eta, keep, gamma_all = upd
-        scan = memory_scan_reference if self.naive else memory_scan
-        y, w_new, s_new = scan(list(w), list(s), qf, k_all, v_all, lr_all, eta, keep, gamma_all,
-                                      chunk_size=b, window=self.window, norm=self.norm,
-                                      optimizer=self.optimizer, ns_steps=self.ns_steps,
-                                      max_grad_norm=self.max_grad_norm,
-                                      updates=self._chunk_updates(state.position // b, n_done // b, ttl.learn))
+        args = (list(w), list(s), qf, k_all, v_all, lr_all, eta, keep, gamma_all)
+        kw = dict(chunk_size=b, window=self.window, norm=self.norm, optimizer=self.optimizer,
+                  ns_steps=self.ns_steps, max_grad_norm=self.max_grad_norm,
+                  updates=self._chunk_updates(state.position // b, n_done // b, ttl.learn))
+        if self.naive:
+            y, w_new, s_new = memory_scan_reference(*args, **kw)
+        else:
+            y, w_new, s_new = memory_scan(*args, **kw, fused=self.fused)
         stats = {}
         if ttl.collect_stats and n_done:
             stats = self._ttl_stats(state, w_new, s_new, k_all[..., e:e + n_done, :],
-                                              v_all[..., e:e + n_done, :], lr_all[..., :n_done], eta, keep,
-                                              None if gamma_all is None else gamma_all[..., e:e + n_done])
+                                    v_all[..., e:e + n_done, :], lr_all[..., :n_done], eta, keep,
+                                    None if gamma_all is None else gamma_all[..., e:e + n_done])
         y = y[..., m:, :]
         if self.residual:
             y = y + q

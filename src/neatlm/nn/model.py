@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from ..config import Config
 from .attention import CausalSelfAttention
-from .loss import lm_loss  # noqa: F401  (neatlm.nn.model.lm_loss: where callers have always found it)
+from .bk import BKMixer
 from .memory import TTLControl
-from .memory_mixer import MemoryMixerState
+from .memory_mixer import MemoryMixerState, build_memory_mixer
+from .moe import MoE
 
 ModelState = list  # one mixer state per block
 
@@ -93,14 +94,10 @@ def build_mixer(cfg: Config) -> nn.Module:
         mixer: nn.Module = CausalSelfAttention(m.dim, m.n_heads, window=m.window, rope_base=m.rope_base,
                                                init_std=m.init_std, out_scale=residual_scale(cfg))
     elif m.mixer == "bk":
-        from .bk import BKMixer
-
         mixer = BKMixer.from_config(m.dim, cfg.bk, init_std=m.init_std, out_scale=residual_scale(cfg))
     else:  # validated in config
         raise AssertionError(m.mixer)
     if cfg.memory.enabled:
-        from .memory_mixer import build_memory_mixer
-
         mixer = build_memory_mixer(m.dim, cfg.memory, mixer, cfg.memory.combine, cfg.ttl.update_every)
     return mixer
 
@@ -112,8 +109,6 @@ def build_channel_mixer(cfg: Config) -> nn.Module:
     if m.mlp == "swiglu":
         return SwiGLU(m.dim, hidden, m.init_std, residual_scale(cfg))
     if m.mlp == "moe":
-        from .moe import MoE
-
         return MoE.from_config(m.dim, hidden, cfg.moe, init_std=m.init_std, out_scale=residual_scale(cfg))
     raise AssertionError(m.mlp)
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -398,10 +399,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     def load(name: str, fn: Callable[[Path], Any]) -> Any:
         try:
             return fn(ckpt / name)
+        except pickle.UnpicklingError as exc:  # weights_only met something that is not plain data
+            raise CheckpointError(f"{ckpt / name}: cannot be read as plain tensor data ({_first_line(exc)}); "
+                                  "nothing in it was run") from None
         except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is not a checkpoint part
-            if "GLOBAL" in str(exc):  # a pickle naming a function or class: weights_only refused it
-                raise CheckpointError(f"{ckpt / name}: refused, it names code rather than holding data "
-                                      f"({_first_line(exc)}); nothing in it was run") from None
             raise CheckpointError(f"{ckpt / name}: cannot be read as a checkpoint file ({_first_line(exc)})") from None
 
     model = load(MODEL_FILE, lambda f: load_file(str(f)))

@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 
 from ..nn.memory import TTLControl
-from ..nn.model import NeatLM, lm_loss
+from ..nn.loss import lm_loss
+from ..nn.model import NeatLM
 from .state_io import detach_state
 
 BUCKETS = (256, 1024, 4096, 16384)          # upper edges in bytes; the last bucket is open

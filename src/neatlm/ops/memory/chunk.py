@@ -161,7 +161,7 @@ def inner_grads(weights: Weights, x: Tensor, n_k: int, v: Tensor, coef: Tensor, 
                 max_grad_norm: float) -> tuple[Tensor, list[Tensor]]:
     """Query reads (..., R - n_k, out_D) and, per weight, sum_i coef_i clip(grad_W l_i).
 
-    The unfused chunk step; benchmarks/memory_vs_titans.py swaps it for a torch.func version.
+    The unfused chunk step's inner gradients (one batched recursion for every row of the chunk).
     """
     terms = inner_grad_terms(weights, x, n_k, v, coef, norm, max_grad_norm)
     return terms.out[..., n_k:, :], weighted_grads(terms, n_k)
