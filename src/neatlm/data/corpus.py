@@ -91,15 +91,21 @@ def _split_files(root: Path, source: str, cfg: DataConfig) -> tuple[list[Path], 
     return train, val
 
 
+def _split_file(data: bytes, val_fraction: float) -> tuple[bytes, bytes]:
+    """(training bytes, held-out tail) of a single-file corpus."""
+    n_val = int(round(len(data) * val_fraction))
+    return data[:len(data) - n_val], data[len(data) - n_val:]
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Read the corpus named by ``cfg.path`` (empty = stdlib ``.py`` files) and split it."""
     root, source = _root(cfg)
     if root.is_file():
-        data = np.frombuffer(_read(root), dtype=np.uint8)
-        if data.size < 2:
+        train_bytes, val_bytes = _split_file(_read(root), cfg.val_fraction)
+        if len(train_bytes) + len(val_bytes) < 2:
             raise DataError(f"data.path = {cfg.path!r}: the file is empty")
-        n_val = int(round(data.size * cfg.val_fraction))
-        return Corpus(data[: data.size - n_val], data[data.size - n_val:], source, 1, 0)
+        as_array = lambda b: np.frombuffer(b, dtype=np.uint8)  # noqa: E731
+        return Corpus(as_array(train_bytes), as_array(val_bytes), source, 1, 0)
     train_files, val_files = _split_files(root, source, cfg)
     train = np.frombuffer(b"".join(_read(p) for p in train_files), dtype=np.uint8)
     val = np.frombuffer(b"".join(_read(p) for p in val_files), dtype=np.uint8)
@@ -113,13 +119,28 @@ def held_out_documents(cfg: DataConfig) -> list[bytes]:
     or the held-out tail of a single-file corpus (streaming evaluation reads them one by one)."""
     root, source = _root(cfg)
     if root.is_file():
-        data = _read(root)
-        n_val = int(round(len(data) * cfg.val_fraction))
-        return [data[len(data) - n_val:]] if n_val else []
+        held_out = _split_file(_read(root), cfg.val_fraction)[1]
+        return [held_out] if held_out else []
     return [_read(p) for p in _split_files(root, source, cfg)[1]]
 
 
-class BatchSampler:
+class PositionedSampler:
+    """A sampler whose batch ``i`` is a function of ``(seed, i)``: its whole state is the position
+    of the next batch (everything else comes from the config)."""
+
+    position: int
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        value = sd["position"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"sampler position {value!r} is not a batch count")
+        self.position = value
+
+
+class BatchSampler(PositionedSampler):
     """Random windows of ``seq_len + 1`` bytes; batch ``i`` depends only on ``(seed, i)``."""
 
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int, position: int = 0):
@@ -135,18 +156,7 @@ class BatchSampler:
         starts = rng.integers(0, self.data.size - self.seq_len, size=self.batch_size)
         return windows(self.data, starts, self.seq_len)
 
-    def state_dict(self) -> dict[str, int]:
-        """The sampler's whole state: batch ``position`` is next (the rest comes from the config)."""
-        return {"position": self.position}
 
-    def load_state_dict(self, sd: dict[str, int]) -> None:
-        self.position = _position(sd["position"])
-
-
-def _position(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"sampler position {value!r} is not a batch count")
-    return value
 
 
 def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from ..nn.loss import IGNORE_INDEX
-from .corpus import _position
-
+from .corpus import PositionedSampler
 
 
 def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: int | None = None,
@@ -51,7 +50,7 @@ def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int = 256, queries: 
     return inputs, targets
 
 
-class MQARSampler:
+class MQARSampler(PositionedSampler):
     """Fresh MQAR batches; batch ``i`` is a function of ``(seed, i)`` like the text sampler."""
 
     def __init__(self, batch_size: int, seq_len: int, pairs: int, vocab: int, queries: int | None, seed: int,
@@ -65,10 +64,3 @@ class MQARSampler:
                            seed=self.seed * 1_000_003 + self.position)
         self.position += 1
         return batch
-
-    def state_dict(self) -> dict[str, int]:
-        """The sampler's whole state: batch ``position`` is next (the rest comes from the config)."""
-        return {"position": self.position}
-
-    def load_state_dict(self, sd: dict[str, int]) -> None:
-        self.position = _position(sd["position"])

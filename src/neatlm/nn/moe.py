@@ -83,7 +83,7 @@ class MoE(nn.Module):
         return MoEOutput(y.reshape(B, T, D), load_balance_loss(probs, dispatch.load), dropped)
 
     def dense_reference(self, x: Tensor) -> Tensor:
-        """Every expert on every token, unselected ones masked: equals :meth:`forward` (for tests)."""
+        """Every expert on every token, unselected ones masked: equals ``forward(x)[0]`` (for tests)."""
         B, T, D = x.shape
         y = moe_dense_reference(x.reshape(B * T, D), self.router.weight, self.w_gate, self.w_up, self.w_down,
                                 self.top_k, self.capacity_factor)
