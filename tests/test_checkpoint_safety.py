@@ -113,7 +113,7 @@ def test_a_pickle_that_would_run_code_in_optimizer_pt_is_refused(run, tmp_path):
     for load in (lambda: Trainer.resume(run), lambda: ckpt.load_checkpoint(run)):
         with pytest.raises(CheckpointError) as err:
             load()
-        one_line_error(err, str(ck / "optimizer.pt"), "system")
+        one_line_error(err, str(ck / "optimizer.pt"), "nothing in it was run")
     assert not marker.exists()
 
 

@@ -1,3 +1,4 @@
+import pytest
 """Segments, state carry and memory reset policies in the trainer; MQAR as a training task."""
 
 import torch
@@ -61,3 +62,19 @@ def test_mqar_task_trains_and_reports_accuracy(tmp_path):
     cfg.eval.every = 2
     result = Trainer(cfg).train()
     assert 0.0 <= result["val_acc"] <= 1.0 and result["val_loss"] > 0
+
+
+def test_metrics_lines_that_are_not_records_are_skipped_and_dropped_on_resume(tmp_path):
+    from neatlm.errors import NeatError
+    from neatlm.train.metrics import read_metrics, truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n\xff\xfe\n{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 5]      # a killed run's cut line is skipped
+    truncate_after(tmp_path, 5)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 5]
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 5, "loss": 1.0}\n'
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(NeatError, match="is a directory"):
+        truncate_after(tmp_path, 5)

@@ -235,14 +235,10 @@ def _previous_hint(ckpt: Path) -> str:
     return f"; the previous checkpoint is intact: --resume {earlier[-1]}" if earlier else ""
 
 
-_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
 def _first_line(exc: BaseException, limit: int = 300) -> str:
-    """The informative line of an error message (torch's weights_only refusal explains itself at
-    length around the one line that says what it met)."""
+    """The first line of an error message, cut to ``limit`` characters."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    line = next((ln for ln in lines if not ln.startswith(_BOILERPLATE)), lines[0] if lines else type(exc).__name__)
+    line = lines[0] if lines else type(exc).__name__
     return line if len(line) <= limit else line[:limit] + "..."
 
 
@@ -399,9 +395,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     def load(name: str, fn: Callable[[Path], Any]) -> Any:
         try:
             return fn(ckpt / name)
-        except pickle.UnpicklingError as exc:  # weights_only met something that is not plain data
-            raise CheckpointError(f"{ckpt / name}: cannot be read as plain tensor data ({_first_line(exc)}); "
-                                  "nothing in it was run") from None
+        except pickle.UnpicklingError:  # weights_only met bytes or objects that are not plain data
+            raise CheckpointError(f"{ckpt / name}: cannot be read as plain tensor data (a safe load refused "
+                                  "what it holds); nothing in it was run") from None
         except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is not a checkpoint part
             raise CheckpointError(f"{ckpt / name}: cannot be read as a checkpoint file ({_first_line(exc)})") from None
 

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import NeatError
+
 
 def bits_per_byte(loss_nats: float) -> float:
     """Cross-entropy per byte in nats to bits (one token is one byte)."""
@@ -43,22 +45,31 @@ class MetricsWriter:
 
 
 def truncate_after(run_dir: str | Path, step: int) -> None:
-    """On resume, drop records a crashed run logged after the checkpoint it resumes from."""
+    """On resume, keep the records of steps up to the checkpoint's; drop what a crashed run logged
+    after it, and any line that is not a record (a line cut by a crash, damage)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and _step_of(line) <= step]
+    kept = [line for line, record in _records(path) if record is not None and record.get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except ValueError:  # a line cut by a crash
-        return 1 << 62
+def _records(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each line of a metrics file with its record, None for a line that is not one."""
+    if path.is_dir():
+        raise NeatError(f"{path}: is a directory, not the run's metrics file")
+    out = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            record = None
+        ok = isinstance(record, dict) and isinstance(record.get("step", 0), int)
+        out.append((raw.decode("utf-8", errors="replace"), record if ok else None))
+    return out
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every record of a run's metrics file, skipping lines that are not records (the last line of
+    a killed run may be cut short)."""
+    return [record for _, record in _records(Path(run_dir) / "metrics.jsonl") if record is not None]
