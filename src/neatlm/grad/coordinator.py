@@ -1,13 +1,16 @@
 """GradientCoordinator: one object that owns backward, clipping, the divergence guard, optimizers,
 schedules and, in a data-parallel run, the averaging of gradients over processes.
 
-    coord = GradientCoordinator(model, parse_components(cfg_table), total_steps=2000, accum_steps=2)
+    coord = GradientCoordinator(model, parse_components(cfg_table), total_steps=2000)
     for step in range(2000):
         for micro in range(2):
             logits = model(x[micro]).logits
-            coord.backward(lm_loss(logits, y[micro]))           # every component
+            coord.backward(lm_loss(logits, y[micro]) / 2)       # every component
         stats = coord.step()        # average over processes, clip, guard, optimizer, schedule, monitors
         coord.zero_grad()
+
+``backward`` adds the gradients of the losses as given: weighting them (here the mean over two
+micro-batches) is the caller's, in the trainer :class:`neatlm.train.objective.StepObjective`.
 
 Per-component losses from one forward graph::
 
@@ -171,20 +174,16 @@ class GradientCoordinator:
         model: the model (a DistributedDataParallel wrapper is accepted, see the module docstring).
         specs: component specs; ``None`` = one AdamW component ``all``.
         total_steps: optimizer steps of the run (the cosine schedules end there).
-        accum_steps: backward calls per optimizer step; ``backward`` divides losses by it.
         guard: divergence guard settings (:class:`GuardConfig`).
         monitor_every: steps between the costlier monitors (update ratio, gradient cosine).
     """
 
     def __init__(self, model: nn.Module, specs: list[ComponentSpec] | None = None, total_steps: int = 1,
-                 accum_steps: int = 1, guard: GuardConfig | None = None, monitor_every: int = 1):
+                 guard: GuardConfig | None = None, monitor_every: int = 1):
         if total_steps < 1:
             raise ValueError(f"total_steps = {total_steps!r}: must be >= 1")
-        if accum_steps < 1:
-            raise ValueError(f"accum_steps = {accum_steps!r}: must be >= 1")
         self.model = model
         self.total_steps = total_steps
-        self.accum_steps = accum_steps
         self.guard_cfg = guard or GuardConfig()
         self.rank, self.world = _process_group()
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -235,17 +234,16 @@ class GradientCoordinator:
 
     # ------------------------------------------------------------------------------ backward
     def backward(self, loss: Tensor | Mapping[str, Tensor], retain_graph: bool = False) -> None:
-        """Accumulate gradients of ``loss`` / accum_steps.
+        """Accumulate the gradients of ``loss``, unscaled (the caller weighs its losses).
 
         A tensor reaches every trainable parameter (plain ``Tensor.backward``). A mapping
         ``{component: loss}`` gives each component the gradient of its own loss only.
         """
-        scale = self.accum_steps
         if isinstance(loss, Mapping):
-            self._backward_isolated(loss, scale, retain_graph)
+            self._backward_isolated(loss, retain_graph)
         else:
             self._note_loss(loss, None)
-            (loss / scale if scale != 1 else loss).backward(retain_graph=retain_graph)
+            loss.backward(retain_graph=retain_graph)
         self.micro_step += 1
 
     def _note_loss(self, loss: Tensor, name: str | None) -> None:
@@ -259,7 +257,7 @@ class GradientCoordinator:
             i = list(self.components).index(name)
             self._loss_bad[i] = torch.maximum(self._loss_bad[i], bad)
 
-    def _backward_isolated(self, losses: Mapping[str, Tensor], scale: int, retain_graph: bool) -> None:
+    def _backward_isolated(self, losses: Mapping[str, Tensor], retain_graph: bool) -> None:
         if not losses:
             raise ValueError("backward: empty dict of losses")
         items = list(losses.items())
@@ -278,8 +276,7 @@ class GradientCoordinator:
         for i, (name, loss, params) in enumerate(plan):
             keep = retain_graph or i < len(plan) - 1
             self._note_loss(loss, name)
-            grads = torch.autograd.grad(loss / scale if scale != 1 else loss, params,
-                                        retain_graph=keep, allow_unused=True)
+            grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
             if all(g is None for g in grads):
                 raise ValueError(f"backward: the loss for component {name!r} does not reach any of its parameters")
             with torch.no_grad():

@@ -160,13 +160,13 @@ class Trainer:
             self.checkpointing = self._apply_checkpointing(specs)
         except ValueError as exc:  # e.g. orphan parameters when units = "components"
             raise ConfigError(str(exc)) from None
-        # one backward per segment of every micro-batch, weighted by the step objective alone
-        # (the coordinator is told accum_steps=1 so that it does not scale the losses again); under
-        # torchrun the coordinator averages the gradients over processes once per step, in step()
+        # one backward per segment of every micro-batch, weighted by the step objective (the
+        # coordinator adds gradients as given); under torchrun the coordinator averages the
+        # gradients over processes once per step, in step()
         self.objective = StepObjective(t.accum_steps, t.segments)
         try:
-            self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, accum_steps=1,
-                                             guard=cfg.guard, monitor_every=t.log_every)
+            self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, guard=cfg.guard,
+                                             monitor_every=t.log_every)
         except ValueError as exc:  # orphan or doubly claimed parameters
             raise ConfigError(str(exc)) from None
         self.progress = TrainProgress()
