@@ -45,8 +45,6 @@ guard decides on averaged values only, so every process accepts or rejects the s
 This replaces DistributedDataParallel, whose reducer assumes one forward per backward and a fixed
 set of used parameters, and fails when a memory's state is carried between forwards (segments,
 ``memory.reset = "never"``), during TTL warmup, or when no memory chunk completes in a sequence.
-Pass the bare model. A DDP-wrapped model is still accepted (its ``module`` is used): its reducer
-is switched off (``require_backward_grad_sync = False``), so gradients are averaged once, here.
 """
 
 from __future__ import annotations
@@ -65,10 +63,6 @@ from .guard import ComponentGuard, GuardConfig, TrainingDiverged
 from .monitor import GradMonitor
 
 __all__ = ["GradientCoordinator", "TrainingDiverged"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _process_group() -> tuple[int, int]:
@@ -171,7 +165,7 @@ class GradientCoordinator:
     """Backward, clipping, divergence guard, optimizers and schedules for a model's components.
 
     Args:
-        model: the model (a DistributedDataParallel wrapper is accepted, see the module docstring).
+        model: the bare model (not wrapped in DistributedDataParallel: see the module docstring).
         specs: component specs; ``None`` = one AdamW component ``all``.
         total_steps: optimizer steps of the run (the cosine schedules end there).
         guard: divergence guard settings (:class:`GuardConfig`).
@@ -186,22 +180,18 @@ class GradientCoordinator:
         self.total_steps = total_steps
         self.guard_cfg = guard or GuardConfig()
         self.rank, self.world = _process_group()
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model.require_backward_grad_sync = False   # its reducer stays idle: step() averages
-        bare = _unwrap(model)
         specs = specs if specs is not None else default_components()
-        groups = assign_parameters(bare, specs)
+        groups = assign_parameters(model, specs)
         self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg, verbose=self.rank == 0)
                                                   for n, g in groups.items()}
         self.monitor = GradMonitor(monitor_every, final_step=total_steps - 1)
         self.step_count = 0          # completed optimizer steps
-        self.micro_step = 0          # backward calls since the last step()
         self._active: set[str] | None = None
         self._events: list[dict[str, Any]] = []
         self._loss_bad: Tensor | None = None   # per component: a non-finite loss since the last step
         if self.world > 1:
-            _broadcast_from_rank0([p for p in bare.parameters()] +
-                                  [b for b in bare.buffers() if b.is_floating_point()])
+            _broadcast_from_rank0([p for p in model.parameters()] +
+                                  [b for b in model.buffers() if b.is_floating_point()])
 
     # ------------------------------------------------------------------------------ queries
     @property
@@ -244,7 +234,6 @@ class GradientCoordinator:
         else:
             self._note_loss(loss, None)
             loss.backward(retain_graph=retain_graph)
-        self.micro_step += 1
 
     def _note_loss(self, loss: Tensor, name: str | None) -> None:
         """Remember (on the device, without a sync) whether ``loss`` is finite, for the guard."""
@@ -293,13 +282,6 @@ class GradientCoordinator:
                         p.grad = g
                     else:
                         p.grad.add_(g)
-
-    @contextlib.contextmanager
-    def no_sync(self, always: bool = False) -> Iterator[None]:
-        """Does nothing; kept for callers written for DistributedDataParallel. Gradients are
-        averaged over processes once per optimizer step, in :meth:`step`, whatever the number of
-        backward calls before it."""
-        yield
 
     @torch.no_grad()
     def _average_gradients(self, flags: Tensor) -> Tensor:
@@ -441,7 +423,6 @@ class GradientCoordinator:
             stats["grad/total_norm"] = math.sqrt(total_sq)
         stats.update(self.monitor.collect())
         self.step_count += 1
-        self.micro_step = 0
         for c, _, _ in failed:
             if c.guard.diverged:
                 raise c.guard.error()
@@ -452,7 +433,6 @@ class GradientCoordinator:
         for c in self.components.values():
             for p in c.params:
                 p.grad = None
-        self.micro_step = 0
         self._loss_bad = None
 
     # ------------------------------------------------------------------------------ isolation
@@ -467,8 +447,7 @@ class GradientCoordinator:
         keep = set()
         for n in names:
             keep.update(id(p) for p in self._get(n).params)
-        model = _unwrap(self.model)
-        saved = [(p, p.requires_grad) for p in model.parameters()]
+        saved = [(p, p.requires_grad) for p in self.model.parameters()]
         prev_active = self._active
         try:
             for p, _ in saved:
@@ -527,7 +506,6 @@ class GradientCoordinator:
             self.monitor.load_state_dict({"prev": {n: [g.to(devices[n]) for g in gs] for n, gs in monitor["prev"].items()},
                                           "angle_history": monitor["angle_history"]})
         self.step_count = int(sd["step"])
-        self.micro_step = 0
 
 
 def _check_shapes(name: str, comp: _Component, cs: Mapping[str, Any], prev: list[Tensor] | None) -> None:
