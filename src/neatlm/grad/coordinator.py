@@ -92,13 +92,18 @@ def _broadcast_from_rank0(tensors: list[Tensor]) -> None:
             offset += t.numel()
 
 
+def _fits(dst: Any, src: Tensor) -> bool:
+    """Whether ``src`` can be copied into ``dst`` in place (a tensor of its shape, dtype and device)."""
+    return isinstance(dst, Tensor) and dst.shape == src.shape and dst.dtype == src.dtype and dst.device == src.device
+
+
 def _copy_state(src: Mapping[str, Any], into: Mapping[str, Any] | None) -> dict[str, Any]:
     """A copy of one parameter's optimizer state, reusing the tensors of ``into`` where they fit."""
     out: dict[str, Any] = {}
     for k, v in src.items():
         if isinstance(v, Tensor):
             old = into.get(k) if into else None
-            if isinstance(old, Tensor) and old.shape == v.shape and old.dtype == v.dtype and old.device == v.device:
+            if _fits(old, v):
                 out[k] = old.copy_(v)
             else:
                 out[k] = v.detach().clone()
@@ -150,8 +155,7 @@ class _Component:
                     del cur[k]
                 for k, v in st.items():
                     now = cur.get(k)
-                    if isinstance(v, Tensor) and isinstance(now, Tensor) and now.shape == v.shape \
-                            and now.dtype == v.dtype and now.device == v.device:
+                    if isinstance(v, Tensor) and _fits(now, v):
                         now.copy_(v)
                     else:
                         cur[k] = v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
@@ -169,7 +173,8 @@ class GradientCoordinator:
         specs: component specs; ``None`` = one AdamW component ``all``.
         total_steps: optimizer steps of the run (the cosine schedules end there).
         guard: divergence guard settings (:class:`GuardConfig`).
-        monitor_every: steps between the costlier monitors (update ratio, gradient cosine).
+        monitor_every: the costlier monitors (update ratio, gradient cosine) run on steps 0,
+            monitor_every, 2 * monitor_every, ... and on the final step, ``total_steps - 1``.
     """
 
     def __init__(self, model: nn.Module, specs: list[ComponentSpec] | None = None, total_steps: int = 1,
@@ -330,8 +335,9 @@ class GradientCoordinator:
         returns flat stats. Raises :class:`TrainingDiverged` (after every component has finished
         this step, rejected ones undone) when a component reaches ``guard.max_failures``.
 
-        ``log`` forces (or suppresses) the costlier monitors for this step; by default they run
-        when ``step_count % monitor_every == 0``.
+        ``log`` forces (or suppresses) the costlier monitors for this step; by default they run on
+        the monitor's schedule: when ``step_count % monitor_every == 0`` and on the final step
+        (``step_count == total_steps - 1``).
         """
         t = self.step_count
         log = self.monitor.is_log_step(t) if log is None else log

@@ -102,6 +102,10 @@ class ComponentGuard:
         self._state_step: int | None = None   # the step whose state the parameters hold
 
     # -- backups -------------------------------------------------------------------------------
+    def _backup_device(self, p: torch.Tensor) -> torch.device:
+        """Where the backup of parameter ``p`` lives (``guard.backup_device``)."""
+        return torch.device("cpu") if self.cfg.backup_device == "cpu" else p.device
+
     @torch.no_grad()
     def take_backup(self, step: int) -> bool:
         """Copy the parameters if they are all finite; returns whether a backup was taken."""
@@ -110,9 +114,8 @@ class ComponentGuard:
         finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
         if not bool(finite):
             return False
-        dev = (lambda p: "cpu") if self.cfg.backup_device == "cpu" else (lambda p: p.device)
         if self.backup is None:
-            self.backup = [p.detach().to(dev(p), copy=True) for p in self.params]
+            self.backup = [p.detach().to(self._backup_device(p), copy=True) for p in self.params]
         else:
             for b, p in zip(self.backup, self.params):
                 b.copy_(p.detach())
@@ -210,7 +213,6 @@ class ComponentGuard:
         self.backup_step = int(sd["backup_step"])
         self._first_failed = int(sd.get("first_failed", 0))
         if "backup" in sd:
-            dev = (lambda p: "cpu") if self.cfg.backup_device == "cpu" else (lambda p: p.device)
-            self.backup = [b.to(dev(p), copy=True) for b, p in zip(sd["backup"], self.params)]
+            self.backup = [b.to(self._backup_device(p), copy=True) for b, p in zip(sd["backup"], self.params)]
         else:
             self.backup = None  # retaken from the (restored) parameters at the next step
