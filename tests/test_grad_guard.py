@@ -92,7 +92,7 @@ def test_guard_state_survives_checkpoint(tmp_path):
     coord = GradientCoordinator(model, parse_components(SPECS), guard=guard)
     train_step(coord, model, 0)
     train_step(coord, model, 1, poison="memory")
-    torch.save({"m": model.state_dict(), "c": coord.state_dict(include_backups=True)}, tmp_path / "c.pt")
+    torch.save({"m": model.state_dict(), "c": coord.state_dict()}, tmp_path / "c.pt")
     ck = torch.load(tmp_path / "c.pt", weights_only=True)
     model2 = make(seed=5)
     model2.load_state_dict(ck["m"])

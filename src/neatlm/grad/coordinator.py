@@ -467,16 +467,17 @@ class GradientCoordinator:
             self._active = prev_active
 
     # ------------------------------------------------------------------------------ checkpoints
-    def state_dict(self, include_backups: bool = False) -> dict[str, Any]:
-        """Optimizers, schedule position, guard and monitor state: tensors, numbers, strings, lists,
-        dicts only (loadable with ``torch.load(weights_only=True)``)."""
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizers, schedule position, guard state (with each component's parameter backup) and
+        monitor state: tensors, numbers, strings, lists, dicts only (loadable with
+        ``torch.load(weights_only=True)``)."""
         return {
             "version": 2,
             "step": self.step_count,
             "total_steps": self.total_steps,
             "components": {
                 n: {"optimizers": [o.state_dict() for o in c.optimizers],
-                    "guard": c.guard.state_dict(include_backups),
+                    "guard": c.guard.state_dict(),
                     "param_names": list(c.group.names)}
                 for n, c in self.components.items()
             },

@@ -196,11 +196,12 @@ class ComponentGuard:
             "if the loss itself is not finite, check the data.")
 
     # -- checkpointing -------------------------------------------------------------------------
-    def state_dict(self, include_backup: bool = False) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, lr scale and the parameter backup, if one has been taken."""
         sd: dict[str, Any] = {"lr_scale": self.lr_scale, "failures": self.failures, "skipped": self.skipped,
                               "good_steps": self._good_steps, "backup_step": self.backup_step,
                               "first_failed": self._first_failed}
-        if include_backup and self.backup is not None:
+        if self.backup is not None:
             sd["backup"] = [b.clone() for b in self.backup]
         return sd
 

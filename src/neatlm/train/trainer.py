@@ -196,8 +196,7 @@ class Trainer:
         """Everything a checkpoint holds, by name; each object saves and restores itself."""
         return {
             "model": self.model,
-            "optimizer": ckpt.StateFunctions(lambda: self.coord.state_dict(include_backups=True),
-                                             self.coord.load_state_dict),
+            "optimizer": self.coord,
             "progress": self.progress,
             "sampler": self.sampler,
             "carry": self.carried,
