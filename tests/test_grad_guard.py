@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from neatlm.grad.components import ComponentSpec, parse_components
 from neatlm.grad.coordinator import GradientCoordinator

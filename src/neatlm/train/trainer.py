@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, from_dict, to_toml
+from ..config import Config, ConfigError, apply_overrides, from_dict, to_toml, validate
 from ..data.source import build_data
 from ..errors import NeatError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
@@ -145,8 +146,6 @@ class Trainer:
         if self.dist.enabled and self.hw.device.type == "cuda":
             self.hw.device = torch.device("cuda", self.dist.local_rank)
         if self.dist.enabled and self.hw.timings:  # measured on every rank: all follow rank 0
-            import torch.distributed as tdist
-
             choice = [self.hw.precision]
             tdist.broadcast_object_list(choice, src=0)
             self.hw.precision = choice[0]
@@ -164,11 +163,8 @@ class Trainer:
         # coordinator adds gradients as given); under torchrun the coordinator averages the
         # gradients over processes once per step, in step()
         self.objective = StepObjective(t.accum_steps, t.segments)
-        try:
-            self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, guard=cfg.guard,
-                                             monitor_every=t.log_every)
-        except ValueError as exc:  # orphan or doubly claimed parameters
-            raise ConfigError(str(exc)) from None
+        self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, guard=cfg.guard,
+                                         monitor_every=t.log_every)
         self.progress = TrainProgress()
         self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
@@ -206,8 +202,6 @@ class Trainer:
     @classmethod
     def resume(cls, path: str | Path, overrides: list[str] | None = None) -> "Trainer":
         """Continue the run in ``path`` (a run dir or one of its checkpoint dirs) with its saved config."""
-        from ..config import apply_overrides, validate
-
         found = ckpt.read_checkpoint(path)  # verify everything before building anything
         cfg = from_dict(found.config)
         if overrides:
@@ -406,7 +400,4 @@ def component_specs(cfg: Config) -> list[ComponentSpec]:
     defaults = train_defaults(cfg.train)
     if not cfg.components:
         return default_components(**defaults)
-    try:
-        return parse_components(cfg.components, defaults=defaults)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return parse_components(cfg.components, defaults=defaults)  # raises ConfigError naming the key
