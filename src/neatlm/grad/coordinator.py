@@ -29,8 +29,9 @@ Every step goes through the guard (:mod:`neatlm.grad.guard`): a component whose 
 is not finite does not step, one whose update makes its parameters non-finite or explode has the
 update undone exactly (parameters and optimizer state), and ``guard.max_failures`` rejected steps
 in a row raise :class:`TrainingDiverged`. To undo a step the coordinator keeps one copy of each
-component's parameters and optimizer state, on their device. Stats of a rejected step:
-``grad/<c>/rejected`` = 1 (and ``grad/<c>/nonfinite`` = 1 when the loss or gradient was not finite).
+component's parameters and optimizer state, on their device. A rejected step shows in the stats
+``step()`` returns, ``grad/<c>/rejected`` = 1 (and ``grad/<c>/nonfinite`` = 1 when the loss or
+gradient was not finite), and in the one warning line the guard logs with the details.
 
 Data parallelism (``torchrun``): when ``torch.distributed`` is initialised with more than one
 process at construction, the coordinator broadcasts the model's parameters and floating-point
@@ -192,7 +193,6 @@ class GradientCoordinator:
         self.monitor = GradMonitor(monitor_every, final_step=total_steps - 1)
         self.step_count = 0          # completed optimizer steps
         self._active: set[str] | None = None
-        self._events: list[dict[str, Any]] = []
         self._loss_bad: Tensor | None = None   # per component: a non-finite loss since the last step
         if self.world > 1:
             _broadcast_from_rank0([p for p in model.parameters()] +
@@ -216,11 +216,6 @@ class GradientCoordinator:
         """The learning rate this component's next step will use."""
         c = self._get(name)
         return c.spec.lr * c.spec.lr_factor(self.step_count, self.total_steps) * c.guard.lr_scale
-
-    def pop_events(self) -> list[dict[str, Any]]:
-        """Guard events (dicts) since the last call."""
-        ev, self._events = self._events, []
-        return ev
 
     def _get(self, name: str) -> _Component:
         if name not in self.components:
@@ -421,7 +416,7 @@ class GradientCoordinator:
             self.monitor.forget(name)
             failed.append((c, reason, info))
         for c, reason, info in failed:
-            self._events.append(c.guard.on_failure(t + 1, reason, **info))
+            c.guard.on_failure(t + 1, reason, **info)
             stats[f"grad/{c.name}/rejected"] = 1.0
             stats[f"grad/{c.name}/lr"] = 0.0
             stats[f"grad/{c.name}/skipped"] = float(c.guard.skipped)

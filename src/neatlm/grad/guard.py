@@ -22,7 +22,8 @@ or backup can hold them. Then the component (and only that component)
   goes further back, to its last backup if backups are kept (``backup_every`` > 0: a copy taken
   after every ``backup_every``-th accepted step); a rejected update needs no more than its undo,
 * multiplies its learning-rate scale by ``lr_factor``,
-* records an event (a dict, for programs) and logs one warning line (for people).
+* logs one warning line saying what failed and what was done (the coordinator's step stats carry
+  ``grad/<c>/rejected``, which the trainer writes to the metrics stream).
 
 ``max_failures`` failed steps in a row, with no accepted step between, raise
 :class:`TrainingDiverged` naming the component, the steps and what to try; an accepted step resets
@@ -33,7 +34,6 @@ the count. Step numbers count optimizer steps from 1, as the trainer's metrics a
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ __all__ = ["ComponentGuard", "GuardConfig", "TrainingDiverged", "REASONS"]
 
 log = logging.getLogger("neatlm.grad")
 
-# why a step failed: the ``event`` field of a guard event
+# why a step failed (the ``reason`` of :meth:`ComponentGuard.on_failure`)
 REASONS = ("nonfinite_loss", "nonfinite_grad", "nonfinite_params", "exploding_update")
 
 
@@ -136,10 +136,10 @@ class ComponentGuard:
 
     # -- failures ------------------------------------------------------------------------------
     @torch.no_grad()
-    def on_failure(self, step: int, reason: str, **info: Any) -> dict[str, Any]:
+    def on_failure(self, step: int, reason: str, **info: Any) -> None:
         """Handle a rejected step (numbered from 1) whose update, if any, the caller has undone:
-        drop the gradients, roll back to the backup (non-finite loss or gradient only), cut the lr;
-        returns the event.
+        drop the gradients, roll back to the backup (non-finite loss or gradient only), cut the lr,
+        log one line.
 
         ``info``: ``grad_norm`` (every reason), ``param_norm`` (nonfinite_params), ``growth``
         (exploding_update). Check :attr:`diverged` afterwards.
@@ -162,10 +162,6 @@ class ComponentGuard:
         self.skipped += 1
         self.lr_scale *= self.cfg.lr_factor
         self._last = (step, reason, info, rolled_back)
-        event = {"event": reason, "component": self.name, "step": step,
-                 **{k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in info.items()},
-                 "rolled_back_to": self.backup_step if rolled_back else None,
-                 "lr_scale": self.lr_scale, "failures_in_a_row": self.failures}
         if self.verbose:
             undone = "step skipped" if reason in ("nonfinite_loss", "nonfinite_grad") else "update undone"
             where = f", parameters rolled back to step {self.backup_step}" if rolled_back else ""
@@ -173,7 +169,6 @@ class ComponentGuard:
                         "(%d of guard.max_failures = %d in a row)", self.name, step,
                         _describe(reason, info, self.cfg), undone, where, self.lr_scale, self.failures,
                         self.cfg.max_failures)
-        return event
 
     @property
     def diverged(self) -> bool:

@@ -265,8 +265,9 @@ class Trainer:
         return total, scored, stats
 
     def is_log_step(self) -> bool:
-        """Whether the next step is recorded: the monitor's schedule (steps 1, 1 + log_every, ...
-        and the last), the one place this is decided."""
+        """Whether the next step is logged (costlier monitors, a metrics record): the monitor's
+        schedule (steps 1, 1 + log_every, ... and the last), the one place this is decided. A step
+        the guard rejects is recorded as well, logged or not."""
         return self.coord.monitor.is_log_step(self.step)
 
     def train_step(self, log: bool | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -352,13 +353,12 @@ class Trainer:
                 log = self.is_log_step()
                 loss, stats = self.train_step(log=log)
                 window_steps += 1
-                if log:
+                if log or _guard_rejected(stats):
                     elapsed = time.perf_counter() - window_start
                     loss_value = loss.item()
                     last = {"loss": loss_value, "bpb": bits_per_byte(loss_value),
                             "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                             "elapsed_s": time.perf_counter() - started, **stats}
-                    self.coord.pop_events()  # the guard already logged each event as one line
                     if metrics:
                         metrics.write(self.step, last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{last['bpb']:.3f}",
@@ -393,6 +393,11 @@ class Trainer:
             if metrics:
                 metrics.close()
         return last
+
+
+def _guard_rejected(stats: dict[str, float]) -> bool:
+    """Whether the guard rejected the step of some component (``grad/<c>/rejected`` in its stats)."""
+    return any(k.endswith("/rejected") for k in stats)
 
 
 def component_specs(cfg: Config) -> list[ComponentSpec]:
