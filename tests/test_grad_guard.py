@@ -1,4 +1,5 @@
-"""Divergence guard: skip, exact undo and rollback, lr cut, event, continue; K failures in a row stop."""
+"""Divergence guard: skip, exact undo and rollback, lr cut, one log line, continue; K failures in a row
+stop; the trainer records every rejected step in the metrics stream."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from neatlm.grad.components import ComponentSpec, parse_components
 from neatlm.grad.coordinator import GradientCoordinator
 from neatlm.grad.guard import GuardConfig, TrainingDiverged
 from neatlm.train import checkpoint as ckpt
+from neatlm.train.metrics import read_metrics
 from neatlm.train.trainer import Trainer
 
 from conftest import small_config
@@ -24,6 +25,10 @@ def snapshot(ps):
     return [p.detach().clone() for p in ps]
 
 
+def guard_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "neatlm.grad"]
+
+
 def train_step(coord, model, seed, poison=None):
     x, y = data(seed=seed)
     coord.backward(lm(model, x, y))
@@ -34,7 +39,7 @@ def train_step(coord, model, seed, poison=None):
     return stats
 
 
-def test_nonfinite_rolls_back_exactly_and_run_continues():
+def test_nonfinite_rolls_back_exactly_and_run_continues(caplog):
     model = make()
     coord = GradientCoordinator(model, parse_components(SPECS), total_steps=20,
                                 guard=GuardConfig(backup_every=2, lr_factor=0.5, max_failures=3))
@@ -45,12 +50,14 @@ def test_nonfinite_rolls_back_exactly_and_run_continues():
     trunk_before = snapshot(coord.params("trunk"))
     assert any(not torch.equal(p, q) for p, q in zip(coord.params("memory"), good_mem))
 
-    stats = train_step(coord, model, 5, poison="memory")
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        stats = train_step(coord, model, 5, poison="memory")
     assert stats["grad/memory/nonfinite"] == 1.0 and stats["grad/memory/skipped"] == 1.0
     assert all(torch.equal(p, q) for p, q in zip(coord.params("memory"), good_mem))      # exact rollback
     assert any(not torch.equal(p, q) for p, q in zip(coord.params("trunk"), trunk_before))  # trunk stepped
-    (event,) = coord.pop_events()
-    assert event["component"] == "memory" and event["rolled_back_to"] == 4 and event["lr_scale"] == 0.5
+    (line,) = guard_lines(caplog)
+    assert line.startswith("neatlm guard: component 'memory', step 6 rejected: the gradient norm is nan; step "
+                           "skipped, parameters rolled back to step 4, lr scale now 0.5")
     assert coord.components["memory"].guard.lr_scale == 0.5
 
     for t in range(6, 9):  # the run continues with finite weights and the reduced lr
@@ -60,18 +67,20 @@ def test_nonfinite_rolls_back_exactly_and_run_continues():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_skip_without_backup_leaves_parameters_untouched():
+def test_skip_without_backup_leaves_parameters_untouched(caplog):
     model = make()
     coord = GradientCoordinator(model, parse_components(SPECS), guard=GuardConfig(backup_every=0))
     train_step(coord, model, 0)
     before = snapshot(model.parameters())
     x, y = data()
     coord.backward(lm(model, x, y) * float("inf"))  # every component non-finite
-    stats = coord.step()
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        stats = coord.step()
     assert stats["grad/trunk/nonfinite"] == 1.0 and stats["grad/memory/nonfinite"] == 1.0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
-    assert [e["rolled_back_to"] for e in coord.pop_events()] == [None, None]
+    lines = guard_lines(caplog)
+    assert len(lines) == 2 and not any("rolled back" in m for m in lines)
 
 
 def test_k_failures_in_a_row_raise_with_message():
@@ -92,7 +101,7 @@ def test_guard_state_survives_checkpoint(tmp_path):
     coord = GradientCoordinator(model, parse_components(SPECS), guard=guard)
     train_step(coord, model, 0)
     train_step(coord, model, 1, poison="memory")
-    torch.save({"m": model.state_dict(), "c": coord.state_dict(include_backups=True)}, tmp_path / "c.pt")
+    torch.save({"m": model.state_dict(), "c": coord.state_dict()}, tmp_path / "c.pt")
     ck = torch.load(tmp_path / "c.pt", weights_only=True)
     model2 = make(seed=5)
     model2.load_state_dict(ck["m"])
@@ -134,7 +143,7 @@ def set_lr(coord, name, lr):
             g["base_lr"] = lr
 
 
-def test_exploding_update_is_undone_exactly_and_counts_as_failure():
+def test_exploding_update_is_undone_exactly_and_counts_as_failure(caplog):
     model = make()
     coord = GradientCoordinator(model, parse_components(SPECS), guard=GuardConfig(max_failures=2, backup_every=1))
     for t in range(3):
@@ -142,15 +151,18 @@ def test_exploding_update_is_undone_exactly_and_counts_as_failure():
     params, state = snapshot(coord.params("memory")), opt_state(coord, "memory")
     trunk = snapshot(coord.params("trunk"))
     set_lr(coord, "memory", 1e6)   # finite weights, but Adam moves each by ~1e6: norm x ~1e7
-    stats = train_step(coord, model, 3)
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        stats = train_step(coord, model, 3)
     assert stats["grad/memory/rejected"] == 1.0 and "grad/memory/nonfinite" not in stats
     assert stats["grad/memory/lr"] == 0.0 and stats["grad/memory/skipped"] == 1.0
     assert all(torch.equal(p, q) for p, q in zip(coord.params("memory"), params))
     assert same_state(opt_state(coord, "memory"), state)   # moments and step counts untouched
     assert any(not torch.equal(p, q) for p, q in zip(coord.params("trunk"), trunk))   # trunk stepped
-    (event,) = coord.pop_events()
-    assert event["event"] == "exploding_update" and event["step"] == 4 and event["growth"] > 1e6
-    assert event["rolled_back_to"] is None   # the undo restores the last accepted state: no further back
+    (line,) = guard_lines(caplog)
+    assert line.startswith("neatlm guard: component 'memory', step 4 rejected: the update multiplied the parameter "
+                           "norm by ")
+    # the undo restores the last accepted state: no further back
+    assert "update undone, lr scale now 0.5" in line and "rolled back" not in line
     with pytest.raises(TrainingDiverged, match=r"component 'memory' diverged: 2 steps in a row rejected "
                        r"\(steps 4-5; the last because the update multiplied the parameter norm by .* \(above "
                        r"guard\.max_growth = 100\)\); its parameters are those after step 3"):
@@ -159,14 +171,16 @@ def test_exploding_update_is_undone_exactly_and_counts_as_failure():
     assert same_state(opt_state(coord, "memory"), state)
 
 
-def test_rejected_first_step_leaves_no_optimizer_state():
+def test_rejected_first_step_leaves_no_optimizer_state(caplog):
     model = make()
     coord = GradientCoordinator(model, parse_components(SPECS))
     set_lr(coord, "trunk", 1e30)
     before = snapshot(coord.params("trunk"))
-    stats = train_step(coord, model, 0)
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        stats = train_step(coord, model, 0)
     assert stats["grad/trunk/rejected"] == 1.0 and "grad/memory/rejected" not in stats
-    assert coord.pop_events()[0]["event"] == "nonfinite_params"   # 1e30 weights: the norm overflows
+    (line,) = guard_lines(caplog)   # 1e30 weights: the norm overflows
+    assert "component 'trunk', step 1 rejected: the update made the parameter norm inf" in line
     assert all(torch.equal(p, q) for p, q in zip(coord.params("trunk"), before))
     assert all(len(o.state) == 0 for o in coord.components["trunk"].optimizers)
 
@@ -181,16 +195,17 @@ def test_growth_rule_does_not_apply_to_all_zero_parameters():
     assert "grad/w/rejected" not in stats and torch.all(w != 0)
 
 
-def test_nonfinite_loss_is_rejected_even_with_finite_gradients():
+def test_nonfinite_loss_is_rejected_even_with_finite_gradients(caplog):
     model = make()
     coord = GradientCoordinator(model, parse_components(SPECS))
     before = snapshot(model.parameters())
     x, y = data()
     coord.backward(lm(model, x, y) + torch.tensor(float("inf")))   # the inf reaches no parameter
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    stats = coord.step()
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        stats = coord.step()
     assert stats["grad/trunk/nonfinite"] == 1.0 and stats["grad/memory/nonfinite"] == 1.0
-    assert [e["event"] for e in coord.pop_events()] == ["nonfinite_loss", "nonfinite_loss"]
+    assert [m.split(": ")[2].split(";")[0] for m in guard_lines(caplog)] == ["the loss is not finite"] * 2
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     coord.zero_grad()
     x, y = data(seed=2)   # per-component losses: only the component whose loss is not finite fails
@@ -247,3 +262,25 @@ def test_trainer_lr_1e30_from_the_start_stops_with_initial_weights(corpus_dir, t
         trainer.train()
     assert all(torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
     assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+def test_trainer_records_a_rejected_step_that_is_not_a_logged_step(corpus_dir, tmp_path, caplog):
+    cfg = small_config(corpus_dir, tmp_path / "run", steps=8, log_every=4)   # logged: steps 1, 5 and 8
+    trainer = Trainer(cfg)
+    trainer.train(until_step=2)
+    original, calls = trainer.model.embed.forward, []
+
+    def poisoned_once(idx):   # the next training forward (step 3's only one) gives a non-finite loss
+        calls.append(1)
+        return original(idx) * (float("nan") if len(calls) == 1 else 1.0)
+
+    trainer.model.embed.forward = poisoned_once
+    with caplog.at_level(logging.WARNING, logger="neatlm.grad"):
+        trainer.train()
+    records = {r["step"]: r for r in read_metrics(tmp_path / "run") if "loss" in r}
+    assert sorted(records) == [1, 3, 5, 8]
+    assert records[3]["grad/all/rejected"] == 1.0 and records[3]["grad/all/nonfinite"] == 1.0
+    assert records[3]["grad/all/skipped"] == 1.0 and records[5]["grad/all/skipped"] == 1.0
+    assert not any("rejected" in k for r in (records[1], records[5], records[8]) for k in r)
+    (line,) = guard_lines(caplog)   # and the one log line
+    assert "step 3 rejected: the loss is not finite" in line

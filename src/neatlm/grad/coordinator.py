@@ -1,13 +1,16 @@
 """GradientCoordinator: one object that owns backward, clipping, the divergence guard, optimizers,
 schedules and, in a data-parallel run, the averaging of gradients over processes.
 
-    coord = GradientCoordinator(model, parse_components(cfg_table), total_steps=2000, accum_steps=2)
+    coord = GradientCoordinator(model, parse_components(cfg_table), total_steps=2000)
     for step in range(2000):
         for micro in range(2):
             logits = model(x[micro]).logits
-            coord.backward(lm_loss(logits, y[micro]))           # every component
+            coord.backward(lm_loss(logits, y[micro]) / 2)       # every component
         stats = coord.step()        # average over processes, clip, guard, optimizer, schedule, monitors
         coord.zero_grad()
+
+``backward`` adds the gradients of the losses as given: weighting them (here the mean over two
+micro-batches) is the caller's, in the trainer :class:`neatlm.train.objective.StepObjective`.
 
 Per-component losses from one forward graph::
 
@@ -26,8 +29,9 @@ Every step goes through the guard (:mod:`neatlm.grad.guard`): a component whose 
 is not finite does not step, one whose update makes its parameters non-finite or explode has the
 update undone exactly (parameters and optimizer state), and ``guard.max_failures`` rejected steps
 in a row raise :class:`TrainingDiverged`. To undo a step the coordinator keeps one copy of each
-component's parameters and optimizer state, on their device. Stats of a rejected step:
-``grad/<c>/rejected`` = 1 (and ``grad/<c>/nonfinite`` = 1 when the loss or gradient was not finite).
+component's parameters and optimizer state, on their device. A rejected step shows in the stats
+``step()`` returns, ``grad/<c>/rejected`` = 1 (and ``grad/<c>/nonfinite`` = 1 when the loss or
+gradient was not finite), and in the one warning line the guard logs with the details.
 
 Data parallelism (``torchrun``): when ``torch.distributed`` is initialised with more than one
 process at construction, the coordinator broadcasts the model's parameters and floating-point
@@ -42,8 +46,6 @@ guard decides on averaged values only, so every process accepts or rejects the s
 This replaces DistributedDataParallel, whose reducer assumes one forward per backward and a fixed
 set of used parameters, and fails when a memory's state is carried between forwards (segments,
 ``memory.reset = "never"``), during TTL warmup, or when no memory chunk completes in a sequence.
-Pass the bare model. A DDP-wrapped model is still accepted (its ``module`` is used): its reducer
-is switched off (``require_backward_grad_sync = False``), so gradients are averaged once, here.
 """
 
 from __future__ import annotations
@@ -62,10 +64,6 @@ from .guard import ComponentGuard, GuardConfig, TrainingDiverged
 from .monitor import GradMonitor
 
 __all__ = ["GradientCoordinator", "TrainingDiverged"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _process_group() -> tuple[int, int]:
@@ -95,13 +93,18 @@ def _broadcast_from_rank0(tensors: list[Tensor]) -> None:
             offset += t.numel()
 
 
+def _fits(dst: Any, src: Tensor) -> bool:
+    """Whether ``src`` can be copied into ``dst`` in place (a tensor of its shape, dtype and device)."""
+    return isinstance(dst, Tensor) and dst.shape == src.shape and dst.dtype == src.dtype and dst.device == src.device
+
+
 def _copy_state(src: Mapping[str, Any], into: Mapping[str, Any] | None) -> dict[str, Any]:
     """A copy of one parameter's optimizer state, reusing the tensors of ``into`` where they fit."""
     out: dict[str, Any] = {}
     for k, v in src.items():
         if isinstance(v, Tensor):
             old = into.get(k) if into else None
-            if isinstance(old, Tensor) and old.shape == v.shape and old.dtype == v.dtype and old.device == v.device:
+            if _fits(old, v):
                 out[k] = old.copy_(v)
             else:
                 out[k] = v.detach().clone()
@@ -153,8 +156,7 @@ class _Component:
                     del cur[k]
                 for k, v in st.items():
                     now = cur.get(k)
-                    if isinstance(v, Tensor) and isinstance(now, Tensor) and now.shape == v.shape \
-                            and now.dtype == v.dtype and now.device == v.device:
+                    if isinstance(v, Tensor) and _fits(now, v):
                         now.copy_(v)
                     else:
                         cur[k] = v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
@@ -168,41 +170,33 @@ class GradientCoordinator:
     """Backward, clipping, divergence guard, optimizers and schedules for a model's components.
 
     Args:
-        model: the model (a DistributedDataParallel wrapper is accepted, see the module docstring).
+        model: the bare model (not wrapped in DistributedDataParallel: see the module docstring).
         specs: component specs; ``None`` = one AdamW component ``all``.
         total_steps: optimizer steps of the run (the cosine schedules end there).
-        accum_steps: backward calls per optimizer step; ``backward`` divides losses by it.
         guard: divergence guard settings (:class:`GuardConfig`).
-        monitor_every: steps between the costlier monitors (update ratio, gradient cosine).
+        monitor_every: the costlier monitors (update ratio, gradient cosine) run on steps 0,
+            monitor_every, 2 * monitor_every, ... and on the final step, ``total_steps - 1``.
     """
 
     def __init__(self, model: nn.Module, specs: list[ComponentSpec] | None = None, total_steps: int = 1,
-                 accum_steps: int = 1, guard: GuardConfig | None = None, monitor_every: int = 1):
+                 guard: GuardConfig | None = None, monitor_every: int = 1):
         if total_steps < 1:
             raise ValueError(f"total_steps = {total_steps!r}: must be >= 1")
-        if accum_steps < 1:
-            raise ValueError(f"accum_steps = {accum_steps!r}: must be >= 1")
         self.model = model
         self.total_steps = total_steps
-        self.accum_steps = accum_steps
         self.guard_cfg = guard or GuardConfig()
         self.rank, self.world = _process_group()
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model.require_backward_grad_sync = False   # its reducer stays idle: step() averages
-        bare = _unwrap(model)
         specs = specs if specs is not None else default_components()
-        groups = assign_parameters(bare, specs)
+        groups = assign_parameters(model, specs)
         self.components: dict[str, _Component] = {n: _Component(g, self.guard_cfg, verbose=self.rank == 0)
                                                   for n, g in groups.items()}
         self.monitor = GradMonitor(monitor_every, final_step=total_steps - 1)
         self.step_count = 0          # completed optimizer steps
-        self.micro_step = 0          # backward calls since the last step()
         self._active: set[str] | None = None
-        self._events: list[dict[str, Any]] = []
         self._loss_bad: Tensor | None = None   # per component: a non-finite loss since the last step
         if self.world > 1:
-            _broadcast_from_rank0([p for p in bare.parameters()] +
-                                  [b for b in bare.buffers() if b.is_floating_point()])
+            _broadcast_from_rank0([p for p in model.parameters()] +
+                                  [b for b in model.buffers() if b.is_floating_point()])
 
     # ------------------------------------------------------------------------------ queries
     @property
@@ -223,11 +217,6 @@ class GradientCoordinator:
         c = self._get(name)
         return c.spec.lr * c.spec.lr_factor(self.step_count, self.total_steps) * c.guard.lr_scale
 
-    def pop_events(self) -> list[dict[str, Any]]:
-        """Guard events (dicts) since the last call."""
-        ev, self._events = self._events, []
-        return ev
-
     def _get(self, name: str) -> _Component:
         if name not in self.components:
             raise ValueError(f"unknown component {name!r}; components are {', '.join(self.components)}")
@@ -235,18 +224,16 @@ class GradientCoordinator:
 
     # ------------------------------------------------------------------------------ backward
     def backward(self, loss: Tensor | Mapping[str, Tensor], retain_graph: bool = False) -> None:
-        """Accumulate gradients of ``loss`` / accum_steps.
+        """Accumulate the gradients of ``loss``, unscaled (the caller weighs its losses).
 
         A tensor reaches every trainable parameter (plain ``Tensor.backward``). A mapping
         ``{component: loss}`` gives each component the gradient of its own loss only.
         """
-        scale = self.accum_steps
         if isinstance(loss, Mapping):
-            self._backward_isolated(loss, scale, retain_graph)
+            self._backward_isolated(loss, retain_graph)
         else:
             self._note_loss(loss, None)
-            (loss / scale if scale != 1 else loss).backward(retain_graph=retain_graph)
-        self.micro_step += 1
+            loss.backward(retain_graph=retain_graph)
 
     def _note_loss(self, loss: Tensor, name: str | None) -> None:
         """Remember (on the device, without a sync) whether ``loss`` is finite, for the guard."""
@@ -259,7 +246,7 @@ class GradientCoordinator:
             i = list(self.components).index(name)
             self._loss_bad[i] = torch.maximum(self._loss_bad[i], bad)
 
-    def _backward_isolated(self, losses: Mapping[str, Tensor], scale: int, retain_graph: bool) -> None:
+    def _backward_isolated(self, losses: Mapping[str, Tensor], retain_graph: bool) -> None:
         if not losses:
             raise ValueError("backward: empty dict of losses")
         items = list(losses.items())
@@ -278,8 +265,7 @@ class GradientCoordinator:
         for i, (name, loss, params) in enumerate(plan):
             keep = retain_graph or i < len(plan) - 1
             self._note_loss(loss, name)
-            grads = torch.autograd.grad(loss / scale if scale != 1 else loss, params,
-                                        retain_graph=keep, allow_unused=True)
+            grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
             if all(g is None for g in grads):
                 raise ValueError(f"backward: the loss for component {name!r} does not reach any of its parameters")
             with torch.no_grad():
@@ -296,13 +282,6 @@ class GradientCoordinator:
                         p.grad = g
                     else:
                         p.grad.add_(g)
-
-    @contextlib.contextmanager
-    def no_sync(self, always: bool = False) -> Iterator[None]:
-        """Does nothing; kept for callers written for DistributedDataParallel. Gradients are
-        averaged over processes once per optimizer step, in :meth:`step`, whatever the number of
-        backward calls before it."""
-        yield
 
     @torch.no_grad()
     def _average_gradients(self, flags: Tensor) -> Tensor:
@@ -351,8 +330,9 @@ class GradientCoordinator:
         returns flat stats. Raises :class:`TrainingDiverged` (after every component has finished
         this step, rejected ones undone) when a component reaches ``guard.max_failures``.
 
-        ``log`` forces (or suppresses) the costlier monitors for this step; by default they run
-        when ``step_count % monitor_every == 0``.
+        ``log`` forces (or suppresses) the costlier monitors for this step; by default they run on
+        the monitor's schedule: when ``step_count % monitor_every == 0`` and on the final step
+        (``step_count == total_steps - 1``).
         """
         t = self.step_count
         log = self.monitor.is_log_step(t) if log is None else log
@@ -436,7 +416,7 @@ class GradientCoordinator:
             self.monitor.forget(name)
             failed.append((c, reason, info))
         for c, reason, info in failed:
-            self._events.append(c.guard.on_failure(t + 1, reason, **info))
+            c.guard.on_failure(t + 1, reason, **info)
             stats[f"grad/{c.name}/rejected"] = 1.0
             stats[f"grad/{c.name}/lr"] = 0.0
             stats[f"grad/{c.name}/skipped"] = float(c.guard.skipped)
@@ -444,7 +424,6 @@ class GradientCoordinator:
             stats["grad/total_norm"] = math.sqrt(total_sq)
         stats.update(self.monitor.collect())
         self.step_count += 1
-        self.micro_step = 0
         for c, _, _ in failed:
             if c.guard.diverged:
                 raise c.guard.error()
@@ -455,7 +434,6 @@ class GradientCoordinator:
         for c in self.components.values():
             for p in c.params:
                 p.grad = None
-        self.micro_step = 0
         self._loss_bad = None
 
     # ------------------------------------------------------------------------------ isolation
@@ -470,8 +448,7 @@ class GradientCoordinator:
         keep = set()
         for n in names:
             keep.update(id(p) for p in self._get(n).params)
-        model = _unwrap(self.model)
-        saved = [(p, p.requires_grad) for p in model.parameters()]
+        saved = [(p, p.requires_grad) for p in self.model.parameters()]
         prev_active = self._active
         try:
             for p, _ in saved:
@@ -485,16 +462,17 @@ class GradientCoordinator:
             self._active = prev_active
 
     # ------------------------------------------------------------------------------ checkpoints
-    def state_dict(self, include_backups: bool = False) -> dict[str, Any]:
-        """Optimizers, schedule position, guard and monitor state: tensors, numbers, strings, lists,
-        dicts only (loadable with ``torch.load(weights_only=True)``)."""
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizers, schedule position, guard state (with each component's parameter backup) and
+        monitor state: tensors, numbers, strings, lists, dicts only (loadable with
+        ``torch.load(weights_only=True)``)."""
         return {
             "version": 2,
             "step": self.step_count,
             "total_steps": self.total_steps,
             "components": {
                 n: {"optimizers": [o.state_dict() for o in c.optimizers],
-                    "guard": c.guard.state_dict(include_backups),
+                    "guard": c.guard.state_dict(),
                     "param_names": list(c.group.names)}
                 for n, c in self.components.items()
             },
@@ -530,7 +508,6 @@ class GradientCoordinator:
             self.monitor.load_state_dict({"prev": {n: [g.to(devices[n]) for g in gs] for n, gs in monitor["prev"].items()},
                                           "angle_history": monitor["angle_history"]})
         self.step_count = int(sd["step"])
-        self.micro_step = 0
 
 
 def _check_shapes(name: str, comp: _Component, cs: Mapping[str, Any], prev: list[Tensor] | None) -> None:

@@ -22,7 +22,8 @@ or backup can hold them. Then the component (and only that component)
   goes further back, to its last backup if backups are kept (``backup_every`` > 0: a copy taken
   after every ``backup_every``-th accepted step); a rejected update needs no more than its undo,
 * multiplies its learning-rate scale by ``lr_factor``,
-* records an event (a dict, for programs) and logs one warning line (for people).
+* logs one warning line saying what failed and what was done (the coordinator's step stats carry
+  ``grad/<c>/rejected``, which the trainer writes to the metrics stream).
 
 ``max_failures`` failed steps in a row, with no accepted step between, raise
 :class:`TrainingDiverged` naming the component, the steps and what to try; an accepted step resets
@@ -33,7 +34,6 @@ the count. Step numbers count optimizer steps from 1, as the trainer's metrics a
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ __all__ = ["ComponentGuard", "GuardConfig", "TrainingDiverged", "REASONS"]
 
 log = logging.getLogger("neatlm.grad")
 
-# why a step failed: the ``event`` field of a guard event
+# why a step failed (the ``reason`` of :meth:`ComponentGuard.on_failure`)
 REASONS = ("nonfinite_loss", "nonfinite_grad", "nonfinite_params", "exploding_update")
 
 
@@ -102,6 +102,10 @@ class ComponentGuard:
         self._state_step: int | None = None   # the step whose state the parameters hold
 
     # -- backups -------------------------------------------------------------------------------
+    def _backup_device(self, p: torch.Tensor) -> torch.device:
+        """Where the backup of parameter ``p`` lives (``guard.backup_device``)."""
+        return torch.device("cpu") if self.cfg.backup_device == "cpu" else p.device
+
     @torch.no_grad()
     def take_backup(self, step: int) -> bool:
         """Copy the parameters if they are all finite; returns whether a backup was taken."""
@@ -110,9 +114,8 @@ class ComponentGuard:
         finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
         if not bool(finite):
             return False
-        dev = (lambda p: "cpu") if self.cfg.backup_device == "cpu" else (lambda p: p.device)
         if self.backup is None:
-            self.backup = [p.detach().to(dev(p), copy=True) for p in self.params]
+            self.backup = [p.detach().to(self._backup_device(p), copy=True) for p in self.params]
         else:
             for b, p in zip(self.backup, self.params):
                 b.copy_(p.detach())
@@ -133,10 +136,10 @@ class ComponentGuard:
 
     # -- failures ------------------------------------------------------------------------------
     @torch.no_grad()
-    def on_failure(self, step: int, reason: str, **info: Any) -> dict[str, Any]:
+    def on_failure(self, step: int, reason: str, **info: Any) -> None:
         """Handle a rejected step (numbered from 1) whose update, if any, the caller has undone:
-        drop the gradients, roll back to the backup (non-finite loss or gradient only), cut the lr;
-        returns the event.
+        drop the gradients, roll back to the backup (non-finite loss or gradient only), cut the lr,
+        log one line.
 
         ``info``: ``grad_norm`` (every reason), ``param_norm`` (nonfinite_params), ``growth``
         (exploding_update). Check :attr:`diverged` afterwards.
@@ -159,10 +162,6 @@ class ComponentGuard:
         self.skipped += 1
         self.lr_scale *= self.cfg.lr_factor
         self._last = (step, reason, info, rolled_back)
-        event = {"event": reason, "component": self.name, "step": step,
-                 **{k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in info.items()},
-                 "rolled_back_to": self.backup_step if rolled_back else None,
-                 "lr_scale": self.lr_scale, "failures_in_a_row": self.failures}
         if self.verbose:
             undone = "step skipped" if reason in ("nonfinite_loss", "nonfinite_grad") else "update undone"
             where = f", parameters rolled back to step {self.backup_step}" if rolled_back else ""
@@ -170,7 +169,6 @@ class ComponentGuard:
                         "(%d of guard.max_failures = %d in a row)", self.name, step,
                         _describe(reason, info, self.cfg), undone, where, self.lr_scale, self.failures,
                         self.cfg.max_failures)
-        return event
 
     @property
     def diverged(self) -> bool:
@@ -193,11 +191,12 @@ class ComponentGuard:
             "if the loss itself is not finite, check the data.")
 
     # -- checkpointing -------------------------------------------------------------------------
-    def state_dict(self, include_backup: bool = False) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, lr scale and the parameter backup, if one has been taken."""
         sd: dict[str, Any] = {"lr_scale": self.lr_scale, "failures": self.failures, "skipped": self.skipped,
                               "good_steps": self._good_steps, "backup_step": self.backup_step,
                               "first_failed": self._first_failed}
-        if include_backup and self.backup is not None:
+        if self.backup is not None:
             sd["backup"] = [b.clone() for b in self.backup]
         return sd
 
@@ -210,7 +209,6 @@ class ComponentGuard:
         self.backup_step = int(sd["backup_step"])
         self._first_failed = int(sd.get("first_failed", 0))
         if "backup" in sd:
-            dev = (lambda p: "cpu") if self.cfg.backup_device == "cpu" else (lambda p: p.device)
-            self.backup = [b.to(dev(p), copy=True) for b, p in zip(sd["backup"], self.params)]
+            self.backup = [b.to(self._backup_device(p), copy=True) for b, p in zip(sd["backup"], self.params)]
         else:
             self.backup = None  # retaken from the (restored) parameters at the next step

@@ -54,14 +54,6 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> Any: ...
 
 
-@dataclass
-class StateFunctions:
-    """A state given as two functions (e.g. when ``state_dict`` needs arguments)."""
-
-    state_dict: Callable[[], Any]
-    load_state_dict: Callable[[Any], Any]
-
-
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

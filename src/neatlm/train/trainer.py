@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, from_dict, to_toml
+from ..config import Config, ConfigError, apply_overrides, from_dict, to_toml, validate
 from ..data.source import build_data
 from ..errors import NeatError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
@@ -145,8 +146,6 @@ class Trainer:
         if self.dist.enabled and self.hw.device.type == "cuda":
             self.hw.device = torch.device("cuda", self.dist.local_rank)
         if self.dist.enabled and self.hw.timings:  # measured on every rank: all follow rank 0
-            import torch.distributed as tdist
-
             choice = [self.hw.precision]
             tdist.broadcast_object_list(choice, src=0)
             self.hw.precision = choice[0]
@@ -160,15 +159,12 @@ class Trainer:
             self.checkpointing = self._apply_checkpointing(specs)
         except ValueError as exc:  # e.g. orphan parameters when units = "components"
             raise ConfigError(str(exc)) from None
-        # one backward per segment of every micro-batch, weighted by the step objective alone
-        # (the coordinator is told accum_steps=1 so that it does not scale the losses again); under
-        # torchrun the coordinator averages the gradients over processes once per step, in step()
+        # one backward per segment of every micro-batch, weighted by the step objective (the
+        # coordinator adds gradients as given); under torchrun the coordinator averages the
+        # gradients over processes once per step, in step()
         self.objective = StepObjective(t.accum_steps, t.segments)
-        try:
-            self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, accum_steps=1,
-                                             guard=cfg.guard, monitor_every=t.log_every)
-        except ValueError as exc:  # orphan or doubly claimed parameters
-            raise ConfigError(str(exc)) from None
+        self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, guard=cfg.guard,
+                                         monitor_every=t.log_every)
         self.progress = TrainProgress()
         self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
@@ -196,8 +192,7 @@ class Trainer:
         """Everything a checkpoint holds, by name; each object saves and restores itself."""
         return {
             "model": self.model,
-            "optimizer": ckpt.StateFunctions(lambda: self.coord.state_dict(include_backups=True),
-                                             self.coord.load_state_dict),
+            "optimizer": self.coord,
             "progress": self.progress,
             "sampler": self.sampler,
             "carry": self.carried,
@@ -207,8 +202,6 @@ class Trainer:
     @classmethod
     def resume(cls, path: str | Path, overrides: list[str] | None = None) -> "Trainer":
         """Continue the run in ``path`` (a run dir or one of its checkpoint dirs) with its saved config."""
-        from ..config import apply_overrides, validate
-
         found = ckpt.read_checkpoint(path)  # verify everything before building anything
         cfg = from_dict(found.config)
         if overrides:
@@ -272,8 +265,9 @@ class Trainer:
         return total, scored, stats
 
     def is_log_step(self) -> bool:
-        """Whether the next step is recorded: the monitor's schedule (steps 1, 1 + log_every, ...
-        and the last), the one place this is decided."""
+        """Whether the next step is logged (costlier monitors, a metrics record): the monitor's
+        schedule (steps 1, 1 + log_every, ... and the last), the one place this is decided. A step
+        the guard rejects is recorded as well, logged or not."""
         return self.coord.monitor.is_log_step(self.step)
 
     def train_step(self, log: bool | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -359,13 +353,12 @@ class Trainer:
                 log = self.is_log_step()
                 loss, stats = self.train_step(log=log)
                 window_steps += 1
-                if log:
+                if log or _guard_rejected(stats):
                     elapsed = time.perf_counter() - window_start
                     loss_value = loss.item()
                     last = {"loss": loss_value, "bpb": bits_per_byte(loss_value),
                             "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                             "elapsed_s": time.perf_counter() - started, **stats}
-                    self.coord.pop_events()  # the guard already logged each event as one line
                     if metrics:
                         metrics.write(self.step, last)
                     bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{last['bpb']:.3f}",
@@ -402,12 +395,14 @@ class Trainer:
         return last
 
 
+def _guard_rejected(stats: dict[str, float]) -> bool:
+    """Whether the guard rejected the step of some component (``grad/<c>/rejected`` in its stats)."""
+    return any(k.endswith("/rejected") for k in stats)
+
+
 def component_specs(cfg: Config) -> list[ComponentSpec]:
     """``[components.*]`` tables, with unset keys from ``[train]``; none = one component "all"."""
     defaults = train_defaults(cfg.train)
     if not cfg.components:
         return default_components(**defaults)
-    try:
-        return parse_components(cfg.components, defaults=defaults)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return parse_components(cfg.components, defaults=defaults)  # raises ConfigError naming the key

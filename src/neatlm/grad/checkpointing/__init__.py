@@ -33,8 +33,7 @@ backward), so it must not mutate module state in its forward; blocks that pass s
 as values are fine. Torch's selective checkpointing allows one backward pass per region, so
 per-component losses (``GradientCoordinator.backward({...})``, one pass per component) need
 ``"full"`` or ``"none"`` on the units they share where that is what runs;
-:class:`SelectiveBackwardError` names the unit. Apply policies before wrapping the model in DDP
-(paths are those of the bare model).
+:class:`SelectiveBackwardError` names the unit.
 
 ``"full"`` and torch's selective policy replace the unit's ``forward`` on the instance; the fused
 swap replaces the module in its parent. Either way parameter names, state dicts and

@@ -24,7 +24,6 @@ class CheckpointPlan:
     budget: int
     fits: bool
     probes: dict[str, ActivationProbe] = field(default_factory=dict)   # "none" / "selective" / "full"
-    importance: dict[str, float] = field(default_factory=dict)
 
     save_ops: frozenset = SAVE_OPS
 
@@ -42,7 +41,6 @@ class CheckpointPlan:
 
 def choose_checkpointing(model: nn.Module, step_fn: Callable[[nn.Module], Any], memory_budget: int,
                          units: Iterable[str] | Mapping[str, float] | None = None,
-                         importance: Mapping[str, float] | None = None,
                          save_ops: Iterable = SAVE_OPS) -> CheckpointPlan:
     """The cheapest policies whose measured saved-activation bytes fit ``memory_budget``.
 
@@ -65,8 +63,6 @@ def choose_checkpointing(model: nn.Module, step_fn: Callable[[nn.Module], Any], 
         imp = {u: float(v) for u, v in units.items()}
     else:
         imp = {u: 1.0 for u in units}
-    if importance:
-        imp.update({u: float(v) for u, v in importance.items() if u in imp})
     paths = list(imp)
     save_ops = frozenset(save_ops)
     probes = {pol: measure_activations(model, step_fn, {u: pol for u in paths}, units=paths, save_ops=save_ops)
@@ -97,7 +93,7 @@ def choose_checkpointing(model: nn.Module, step_fn: Callable[[nn.Module], Any], 
             break
         measured = measure_activations(model, step_fn, plan, units=paths, save_ops=save_ops).total
     return CheckpointPlan(policies=dict(plan), measured_bytes=measured, budget=int(memory_budget),
-                          fits=measured <= memory_budget, probes=probes, importance=imp, save_ops=save_ops)
+                          fits=measured <= memory_budget, probes=probes, save_ops=save_ops)
 
 
 # ----------------------------------------------------------------------------- components
