@@ -248,3 +248,22 @@ def test_a_legacy_checkpoint_missing_an_entry_is_one_line(run, key):
     with pytest.raises(CheckpointError) as err:
         Trainer.resume(run)
     one_line_error(err, str(ck / "state.json"), key)
+
+
+def test_a_carried_state_of_another_model_is_named_at_resume(run, trained, tmp_path):
+    """extra.safetensors from a wider model, resealed so the manifest matches: the resume names the
+    file in one line instead of failing inside the first forward."""
+    other = config(trained, "other")
+    other.model.dim = 64   # same structure of state, other sizes
+    other.train.run_dir = str(tmp_path / "other")
+    from neatlm.config import validate
+    validate(other)
+    Trainer(other).train()
+    mine, theirs = last(run), last(tmp_path / "other")
+    shutil.copy(theirs / "extra.safetensors", mine / "extra.safetensors")
+    theirs_doc = json.loads((theirs / "state.json").read_text())
+    edit_state(mine, lambda d: d.__setitem__("carry", theirs_doc["carry"]) if "carry" in d else None)
+    reseal(mine, "extra.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        Trainer.resume(run)
+    one_line_error(err, "extra.safetensors", "does not fit this model")

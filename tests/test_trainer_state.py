@@ -78,3 +78,29 @@ def test_metrics_lines_that_are_not_records_are_skipped_and_dropped_on_resume(tm
     path.mkdir()
     with pytest.raises(NeatError, match="is a directory"):
         truncate_after(tmp_path, 5)
+
+
+def test_a_rejected_step_does_not_carry_its_state_forward(corpus_dir, tmp_path):
+    """A non-finite forward at one step (memory state carried across steps): the guard rejects the
+    step, the carried state goes back to the one before it, and training recovers."""
+    import math
+
+    from conftest import small_config
+    from neatlm.train.state_io import flatten_state
+    from neatlm.train.trainer import Trainer
+
+    cfg = small_config(corpus_dir, tmp_path / "r", steps=6, save_every=1, seq_len=16)
+    cfg.memory.enabled, cfg.memory.chunk_size, cfg.memory.reset, cfg.model.window = True, 4, "never", 8
+    trainer = Trainer(cfg)
+    poison = {"step": 3}
+
+    def hook(module, inputs, output):
+        if trainer.step == poison["step"]:
+            return output[0] * math.nan, output[1]
+
+    trainer.model.blocks[0].mixer.register_forward_hook(hook)
+    trainer.train()
+    assert trainer.step == 6
+    finite = lambda s: all(bool(t.isfinite().all()) for t in flatten_state(s)[1].values())  # noqa: E731
+    assert finite(trainer.carried.value)
+    assert all(bool(p.isfinite().all()) for p in trainer.model.parameters())

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, apply_overrides, from_dict, to_toml, validate
 from ..data.source import build_data
-from ..errors import NeatError, TrainingDiverged
+from ..errors import CheckpointError, NeatError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
@@ -49,7 +49,7 @@ from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
 from .objective import StepObjective
-from .state_io import CarriedState, RNGState, detach_state
+from .state_io import CarriedState, RNGState, detach_state, flatten_state
 
 
 class TrainingInterrupted(NeatError):
@@ -211,8 +211,24 @@ class Trainer:
 
     def _restore(self, found: ckpt.Checkpoint) -> None:
         found.restore(self.stateful())
+        self._check_carried_fits(found.path / ckpt.EXTRA_FILE)
         if self.dist.is_main:
             truncate_after(self.run_dir, self.step)
+
+    def _check_carried_fits(self, file: Path) -> None:
+        """A carried state of another model (sizes, layers) would fail deep in the first forward:
+        run one read-only token through the model with it now, and name the file if it does not fit."""
+        state = self.carried.value
+        if state is None:
+            return
+        batch = next(iter(flatten_state(state)[1].values())).shape[0]
+        probe = torch.zeros(batch, 1, dtype=torch.long, device=self.hw.device)
+        try:
+            with torch.no_grad():
+                self.model(probe, state, TTLControl(learn=False))
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{file}: the carried model state does not fit this model ({first[:200]})") from None
 
     def _check_finite(self, what: str, value: float) -> None:
         if not math.isfinite(value):
@@ -221,9 +237,12 @@ class Trainer:
                                    "(try a lower train.lr or train.grad_clip)")
 
     def save(self) -> Path | None:
-        """Checkpoint now (rank 0 writes, the others wait); never writes non-finite weights."""
+        """Checkpoint now (rank 0 writes, the others wait); never writes non-finite weights or
+        carried state."""
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             self._check_finite("model weights", math.nan)
+        if not all(bool(torch.isfinite(t).all()) for t in flatten_state(self.carried.value)[1].values()):
+            self._check_finite("carried model state", math.nan)
         if not self.dist.is_main:
             barrier(self.dist)
             return None
@@ -282,6 +301,7 @@ class Trainer:
         # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
         ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
         model_stats: dict[str, torch.Tensor] = {}
+        carried_before = self.carried.value
         for _ in range(t.accum_steps):
             x, y = self.sampler.next()
             x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
@@ -291,6 +311,10 @@ class Trainer:
             model_stats = window_stats or model_stats
         stats = self.coord.step(log=log)
         self.coord.zero_grad()
+        if _guard_rejected(stats):
+            # the state carried out of a rejected step was computed by it (possibly non-finite):
+            # the next step continues from the state before it, as the weights do
+            self.carried.value = carried_before
         stats.update({k: v.item() for k, v in model_stats.items()})  # from the last segment's forward
         self.step += 1
         return all_reduce_mean(self.objective.mean_loss(total, scored), self.dist), stats
@@ -338,7 +362,10 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 writes files and shows progress
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+            config_file = self.run_dir / "config.toml"
+            if config_file.is_dir():
+                raise NeatError(f"{config_file}: is a directory; the run writes its resolved config there")
+            config_file.write_text(to_toml(self.cfg), encoding="utf-8")
         metrics = MetricsWriter(self.run_dir) if main else None
         tokens_per_step = t.batch_size * t.seq_len * t.segments * t.accum_steps  # a window is segments * seq_len
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
