@@ -119,6 +119,13 @@ class _StopRequests:
         self._previous = {}
 
 
+def check_run_files(run_dir: Path) -> None:
+    """The files a run writes must be writable files, checked before any work starts."""
+    for name in ("config.toml", "metrics.jsonl"):
+        if (run_dir / name).is_dir():
+            raise NeatError(f"{run_dir / name}: is a directory; the run writes its {name} file there")
+
+
 def refuse_existing_run(run_dir: Path) -> None:
     """A new run must not mix its metrics and checkpoints into an earlier run's."""
     if ckpt.list_checkpoints(run_dir):
@@ -135,6 +142,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.run_dir = Path(run_dir or t.run_dir)
+        check_run_files(self.run_dir)
         if _resume_from is None:
             refuse_existing_run(self.run_dir)
         if t.threads > 0:
@@ -362,10 +370,7 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 writes files and shows progress
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_file = self.run_dir / "config.toml"
-            if config_file.is_dir():
-                raise NeatError(f"{config_file}: is a directory; the run writes its resolved config there")
-            config_file.write_text(to_toml(self.cfg), encoding="utf-8")
+            (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
         metrics = MetricsWriter(self.run_dir) if main else None
         tokens_per_step = t.batch_size * t.seq_len * t.segments * t.accum_steps  # a window is segments * seq_len
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
