@@ -76,3 +76,12 @@ def test_table_marks_each_row():
     text = faults.table([faults.RowResult("a", 3, "3/3 fine", True), faults.RowResult("b", 1, "0/1 fine", False)])
     lines = text.splitlines()
     assert lines[0].startswith("| row") and "OK   3/3 fine" in lines[2] and "FAIL 0/1 fine" in lines[3]
+
+
+def test_fuzz_every_config_key_is_refused_cleanly(ws):
+    """The config fuzz itself: a bad value for every key, by --set and by TOML file, exits 2 with
+    one line naming the key and no traceback."""
+    by_set, by_file = faults.config_value_cases(ws, quick=True)
+    for name, cases in (("--set", by_set), ("TOML", by_file)):
+        row = faults.run_cases(name, cases, ws.root)
+        assert row.perfect, "\n".join(row.failures[:5])
