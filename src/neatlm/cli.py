@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError, NeatError
+from .errors import NeatError
 
 # ---------------------------------------------------------------------------- value checks (type=)
 
