@@ -83,6 +83,9 @@ class DataConfig:
     val_fraction: float = _f(0.05, "fraction of files held out for validation", min=0.0, max=0.5)
     extensions: str = _f(".py", "comma-separated file suffixes read from a directory")
     seed: int = _f(1337, "seed of the batch sampler", min=0)
+    sampling: str = _f("random", "text windows: random = a fresh random window per row and step; stream = each row "
+                       "continues where its previous window ended (with memory.reset = 'never': truncated backprop "
+                       "through one unbroken stream per row)", choices=("random", "stream"))
     task: str = _f("text", "text = next byte of the corpus; mqar = multi-query associative recall",
                    choices=("text", "mqar"))
     mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
@@ -328,6 +331,15 @@ def validate(cfg: Config) -> None:
                           "longer than the chunk or one that does not divide it (memory.detach_output = true "
                           "trains the read path only, by design)")
     d = cfg.data
+    if d.sampling == "stream":
+        if d.task != "text":
+            raise ConfigError(f"data.sampling = 'stream': only for data.task = 'text' (got {d.task!r})")
+        if mem.reset != "never":
+            raise ConfigError(f"data.sampling = 'stream': needs memory.reset = 'never' (got {mem.reset!r}); a state "
+                              "reset at every step makes a stream no different from random windows")
+        if t.accum_steps != 1:
+            raise ConfigError(f"train.accum_steps = {t.accum_steps}: must be 1 with data.sampling = 'stream' (the "
+                              "carried state continues one micro-batch's rows); raise train.batch_size instead")
     if d.task == "mqar":
         queries = d.mqar_queries or d.mqar_pairs
         if queries > d.mqar_pairs:

@@ -157,6 +157,30 @@ class BatchSampler(PositionedSampler):
         return windows(self.data, starts, self.seq_len)
 
 
+class StreamSampler(PositionedSampler):
+    """Contiguous streams: row ``b`` of batch ``i`` is the ``seq_len`` bytes that follow row ``b`` of
+    batch ``i - 1`` (each row starts at a seeded random offset and wraps at the end of the data).
+
+    With the model state carried from step to step (``memory.reset = "never"``) this is truncated
+    backprop through one unbroken stream per row, as a recurrent language model is trained: the
+    memory is trained in the regime it is used in, thousands of updates into a document, which
+    random windows that reset never reach.
+    """
+
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int, position: int = 0):
+        if data.size < 2 * (seq_len + 1):
+            raise DataError(f"the training data has {data.size} bytes, too few for streams of train.seq_len + 1 = "
+                            f"{seq_len + 1} bytes")
+        self.data, self.batch_size, self.seq_len, self.seed = data, batch_size, seq_len, seed
+        self.position = position
+        self.offsets = np.random.default_rng([seed, 0x5EED]).integers(0, data.size - seq_len - 1, size=batch_size)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 of shape (batch, seq_len); row b continues the previous batch's row b."""
+        span = self.data.size - self.seq_len - 1      # starts in [0, span): every window is whole
+        starts = (self.offsets + self.position * self.seq_len) % span
+        self.position += 1
+        return windows(self.data, starts, self.seq_len)
 
 
 def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config
 from ..errors import DataError
-from .corpus import BatchSampler, Corpus, load_corpus, validation_batches
+from .corpus import BatchSampler, Corpus, StreamSampler, load_corpus, validation_batches
 from .synthetic import MQARSampler, mqar_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -28,7 +28,7 @@ VALIDATION_SEED = 987_654_321  # MQAR validation sequences never coincide with t
 @dataclass
 class DataSource:
     task: str
-    sampler: BatchSampler | MQARSampler
+    sampler: BatchSampler | StreamSampler | MQARSampler
     corpus: Corpus | None
     cfg: Config
 
@@ -69,4 +69,5 @@ def build_data(cfg: Config) -> DataSource:
         raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
                         f"fewer than one validation window (train.seq_len + 1 = {t.seq_len + 1}); raise it, or set "
                         "it to 0 to train without validation")
-    return DataSource("text", BatchSampler(corpus.train, t.batch_size, window, d.seed), corpus, cfg)
+    sampler_class = StreamSampler if d.sampling == "stream" else BatchSampler
+    return DataSource("text", sampler_class(corpus.train, t.batch_size, window, d.seed), corpus, cfg)
