@@ -1,0 +1,64 @@
+"""Stream sampling: each batch row continues its own stream, and the trainer carries state along it."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_config
+from neatlm.config import load_config
+from neatlm.data.corpus import StreamSampler
+from neatlm.settings import ConfigError
+from neatlm.train.trainer import Trainer
+
+
+def test_rows_continue_where_the_previous_batch_ended():
+    data = (np.arange(5000) % 251).astype(np.uint8)
+    s = StreamSampler(data, batch_size=3, seq_len=16, seed=7)
+    (x0, y0), (x1, y1) = s.next(), s.next()
+    assert torch.equal(x0[:, 1:], y0[:, :-1])
+    assert torch.equal(x1[:, 0], y0[:, -1])          # the next window starts with the last target
+    offsets = [int(x0[b, 0]) for b in range(3)]
+    assert len(set(offsets)) > 1                      # rows are different streams
+
+
+def test_stream_sampler_resumes_from_its_position():
+    data = np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint8)
+    s = StreamSampler(data, batch_size=2, seq_len=32, seed=1)
+    batches = [s.next() for _ in range(4)]
+    resumed = StreamSampler(data, batch_size=2, seq_len=32, seed=1)
+    resumed.load_state_dict(s.state_dict() | {"position": 2})
+    assert torch.equal(resumed.next()[0], batches[2][0])
+
+
+def test_stream_wraps_and_every_window_is_whole():
+    data = np.arange(100).astype(np.uint8)
+    s = StreamSampler(data, batch_size=4, seq_len=16, seed=0)
+    for _ in range(30):
+        x, y = s.next()
+        assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["data.sampling=stream"], "needs memory.reset = 'never'"),
+    (["data.sampling=stream", "memory.reset=never", "model.window=64", "train.accum_steps=2"],
+     "train.accum_steps = 2: must be 1"),
+    (["data.sampling=stream", "memory.reset=never", "model.window=64", "data.task=mqar"], "only for data.task"),
+])
+def test_stream_sampling_refuses_settings_that_break_the_stream(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=sets)
+
+
+def test_trainer_carries_state_along_the_stream(corpus_dir: Path, tmp_path: Path):
+    cfg = small_config(corpus_dir, tmp_path / "run", steps=3)
+    cfg.model.window, cfg.memory.reset, cfg.data.sampling = 16, "never", "stream"
+    cfg.memory.enabled, cfg.memory.chunk_size = True, 8
+    trainer = Trainer(cfg, run_dir=tmp_path / "run")
+    assert isinstance(trainer.sampler, StreamSampler)
+    trainer.train_step()
+    first = trainer.carried.value
+    assert first is not None
+    trainer.train_step()
+    assert trainer.carried.value is not first
