@@ -7,6 +7,7 @@ import torch
 
 from neatlm.config import Config
 from neatlm.nn.loss import lm_loss
+from neatlm.nn.memory import TTLControl
 from neatlm.nn.model import NeatLM
 from neatlm.train.state_io import flatten_state
 from neatlm.train.stream import BUCKET_NAMES, compressor_bits_per_byte, stream_eval, streaming_model
@@ -91,6 +92,7 @@ def test_neat_eval_stream_reports_buckets_and_compressors(corpus_dir, tmp_path, 
     assert on["ttl"] and not off["ttl"] and on["documents"] == 2
     assert on["bpb"]["all"] != off["bpb"]["all"] and on["bpb"]["16K+"] is None
     assert set(on["compressors_bpb"]) == {"zlib", "bz2", "xz"}
+    assert on["memory_by_position"]["inner_loss_before"]["0-256"] > 0 and "memory_by_position" not in off
     assert main(["eval", "--run", str(tmp_path / "run"), "--task", "passkey", "--lengths", "96,160",
                  "--examples", "2"]) == 0
     passkey = json.loads(capsys.readouterr().out)
@@ -124,3 +126,27 @@ def test_passkey_eval_streams_each_length_and_scores_only_the_answer():
 
     assert passkey_eval(Oracle(), hay, [300], examples=3, call_len=64) == {300: 1.0}
     assert passkey_eval(Oracle(), hay, [300], examples=3, call_len=3) == {300: 1.0}   # answer split over calls
+
+
+def test_no_ttl_leaves_every_memory_at_its_initial_weights():
+    model = memory_model()
+    ids = torch.tensor(list(text(200)))[None]
+    state = None
+    for start in range(0, 200, 48):
+        state = model(ids[:, start:start + 48], state, TTLControl(learn=False)).state
+    for layer, s in zip(model.blocks, state):
+        memory = layer.mixer.memory
+        for w, w0 in zip(s.memory.weights, memory.initial_weights()):
+            assert torch.equal(w[0], w0.expand_as(w[0]))
+
+
+def test_stream_statistics_follow_the_file_without_changing_the_loss():
+    model = memory_model()
+    data = text(600, 2)
+    plain = stream_eval(model, [data], call_len=64)
+    with_stats = stream_eval(model, [data], call_len=64, collect_stats=True)
+    assert with_stats.nats == plain.nats
+    stats = with_stats.memory_stats()
+    assert {"inner_loss_before", "inner_loss_after", "forget_gate_mean"} <= set(stats)
+    before = stats["inner_loss_before"]
+    assert before["0-256"] > 0 and before["256-1K"] > 0 and math.isnan(before["1K-4K"])

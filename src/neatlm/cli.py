@@ -251,13 +251,19 @@ def _stream_eval(model, cfg, args: argparse.Namespace) -> int:
                         "(data.val_fraction is 0)")
     hw = detect(cfg.train.device, "fp32")
     model = streaming_model(model.to(hw.device))
-    result = stream_eval(model, docs, call_len=args.call_len, learn=not args.no_ttl, device=hw.device)
+    learn = not args.no_ttl
+    result = stream_eval(model, docs, call_len=args.call_len, learn=learn, device=hw.device,
+                         collect_stats=cfg.memory.enabled and learn)
+
     def rounded(d: dict[str, float]) -> dict[str, float | None]:  # null for an empty bucket (JSON has no NaN)
         return {k: None if math.isnan(v) else round(v, 4) for k, v in d.items()}
 
     bpb, ref = rounded(result.bits_per_byte()), rounded(compressor_bits_per_byte(docs))
-    print(json.dumps({"task": "stream", "ttl": not args.no_ttl, "documents": len(docs),
-                      "bytes": sum(len(d) for d in docs), "bpb": bpb, "compressors_bpb": ref}))
+    report = {"task": "stream", "ttl": learn, "documents": len(docs), "bytes": sum(len(d) for d in docs),
+              "bpb": bpb, "compressors_bpb": ref}
+    if result.stat_sums:  # the memories' inner loop along the file, averaged over layers
+        report["memory_by_position"] = {name: rounded(v) for name, v in result.memory_stats().items()}
+    print(json.dumps(report))
     return 0
 
 

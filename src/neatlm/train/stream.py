@@ -39,10 +39,31 @@ BUCKET_NAMES = ("0-256", "256-1K", "1K-4K", "4K-16K", "16K+")
 
 @dataclass
 class StreamResult:
-    """Summed nats and counts of predicted bytes, overall and per position bucket."""
+    """Summed nats and counts of predicted bytes, overall and per position bucket; with
+    ``collect_stats``, the memory's inner-loop statistics summed per bucket of the call's start."""
 
     nats: list[float] = field(default_factory=lambda: [0.0] * len(BUCKET_NAMES))
     count: list[int] = field(default_factory=lambda: [0] * len(BUCKET_NAMES))
+    stat_sums: dict[str, list[float]] = field(default_factory=dict)
+    stat_calls: list[int] = field(default_factory=lambda: [0] * len(BUCKET_NAMES))
+
+    def add_stats(self, bucket: int, stats: dict[str, torch.Tensor]) -> None:
+        """Add one call's statistics, averaged over memory layers (``ttl/layer{i}/{name}`` keys)."""
+        per_name: dict[str, list[float]] = {}
+        for key, value in stats.items():
+            per_name.setdefault(key.rsplit("/", 1)[-1], []).append(float(value))
+        if not per_name:
+            return
+        for name, values in per_name.items():
+            self.stat_sums.setdefault(name, [0.0] * len(BUCKET_NAMES))[bucket] += sum(values) / len(values)
+        self.stat_calls[bucket] += 1
+
+    def memory_stats(self) -> dict[str, dict[str, float]]:
+        """{statistic: {bucket: mean over calls starting in it}}, e.g. how the memory's inner loss on
+        data it has not yet learned from (``inner_loss_before``) moves along a file."""
+        return {name: {b: sums[i] / self.stat_calls[i] if self.stat_calls[i] else math.nan
+                       for i, b in enumerate(BUCKET_NAMES)}
+                for name, sums in self.stat_sums.items()}
 
     def bits_per_byte(self) -> dict[str, float]:
         """{"all": ..., "0-256": ..., ...}; NaN for an empty bucket."""
@@ -73,18 +94,19 @@ def streaming_model(model: NeatLM) -> NeatLM:
 
 @torch.no_grad()
 def stream_eval(model: NeatLM, files: Sequence[bytes], call_len: int = 256, learn: bool = True,
-                device: torch.device | str = "cpu") -> StreamResult:
+                device: torch.device | str = "cpu", collect_stats: bool = False) -> StreamResult:
     """Bits per byte of ``model`` over every file read whole, state carried across calls.
 
     ``learn`` False keeps the memories at their initial weights (they read, never step), which
     isolates what test-time learning adds. Byte i of a file (i >= 1) is predicted from bytes < i;
-    its position bucket is i.
+    its position bucket is i. ``collect_stats`` also gathers the memories' inner-loop statistics
+    per bucket (:meth:`StreamResult.memory_stats`).
     """
     if call_len < 1:
         raise ValueError(f"call_len = {call_len}: must be >= 1")
     was_training = model.training
     model.eval()
-    ttl = TTLControl(learn=learn)
+    ttl = TTLControl(learn=learn, collect_stats=collect_stats)
     result = StreamResult()
     for data in files:
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().to(device)
@@ -98,6 +120,8 @@ def stream_eval(model: NeatLM, files: Sequence[bytes], call_len: int = 256, lear
             nats = lm_loss(out.logits, y, reduction="none").double().cpu()   # (T,)
             positions = torch.arange(start + 1, start + 1 + y.shape[1])
             bucket = _bucket_of(positions)
+            if collect_stats:
+                result.add_stats(int(bucket[0]), out.stats)
             for b in range(len(BUCKET_NAMES)):
                 mask = bucket == b
                 if mask.any():
