@@ -351,7 +351,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
-                        self.hw.device, self.hw.autocast(), accuracy=self.data.task == "mqar")
+                        self.hw.device, self.hw.autocast(), accuracy=self.data.scores_accuracy)
 
     def _stop_requested(self, stop: _StopRequests) -> bool:
         """Whether a signal asked to stop; under torchrun, whether any process got one (all stop together)."""
