@@ -181,3 +181,17 @@ def test_two_training_steps_report_a_digit_accuracy(corpus_dir, tmp_path, one_th
     assert main(["eval", "--run", str(tmp_path / "run"), "--batches", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["task"] == "passkey" and 0.0 <= out["val_acc"] <= 1.0
+
+
+def test_presets_are_the_same_model_with_and_without_memory():
+    from neatlm.config import load_config
+
+    mem, att = load_config("passkey"), load_config("passkey-attention")
+    for cfg in (mem, att):
+        assert cfg.data.task == "passkey" and cfg.data.sampling == "random" and cfg.memory.reset == "sequence"
+        assert min_length() <= cfg.train.seq_len * cfg.train.segments <= 2048
+        assert cfg.model.window == 64 < cfg.train.seq_len * cfg.train.segments
+    assert mem.memory.enabled and not att.memory.enabled
+    assert mem.model == att.model and mem.data == att.data
+    same = ("batch_size", "seq_len", "segments", "lr")
+    assert all(getattr(mem.train, k) == getattr(att.train, k) for k in same)
