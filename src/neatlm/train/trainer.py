@@ -404,8 +404,9 @@ class Trainer:
                     last.update(val)
                     if metrics:
                         metrics.write(self.step, val)
+                        accuracy = f", val_acc {val['val_acc']:.4f}" if "val_acc" in val else ""
                         bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, "
-                                  f"val_bpb {val['val_bpb']:.4f}")
+                                  f"val_bpb {val['val_bpb']:.4f}{accuracy}")
                     window_start = time.perf_counter()  # do not charge evaluation to tokens/s
                 stopping = self._stop_requested(stop) and self.step < end  # at the end: just finish
                 if self.step % t.save_every == 0 or self.step == end or stopping:
