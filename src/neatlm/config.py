@@ -86,8 +86,10 @@ class DataConfig:
     sampling: str = _f("random", "text windows: random = a fresh random window per row and step; stream = each row "
                        "continues where its previous window ended (with memory.reset = 'never': truncated backprop "
                        "through one unbroken stream per row)", choices=("random", "stream"))
-    task: str = _f("text", "text = next byte of the corpus; mqar = multi-query associative recall",
-                   choices=("text", "mqar"))
+    task: str = _f("text", "text = next byte of the corpus; mqar = multi-query associative recall; passkey = "
+                   "recall a 5-digit key hidden at a random depth of corpus text (one example per training window "
+                   "of train.seq_len * train.segments bytes; only the answer digits are scored)",
+                   choices=("text", "mqar", "passkey"))
     mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
     mqar_queries: int = _f(0, "MQAR queries per sequence; 0 = one per pair", min=0)
 
@@ -350,6 +352,14 @@ def validate(cfg: Config) -> None:
         if d.mqar_pairs > m.vocab_size // 2 - 1:
             raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be < model.vocab_size / 2 - 1 "
                               f"= {m.vocab_size // 2 - 1} (keys must be distinct)")
+    if d.task == "passkey":
+        from .data.passkey import min_length  # here, not at the top: neatlm.data imports this module
+
+        window = t.seq_len * t.segments
+        if window < min_length():
+            raise ConfigError(f"train.seq_len * train.segments = {t.seq_len} * {t.segments} = {window}: must be >= "
+                              f"{min_length()} with data.task = 'passkey' (each training window is one example: "
+                              "the needle, the question and the five-digit answer)")
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
 

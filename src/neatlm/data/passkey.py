@@ -10,6 +10,9 @@ window shorter than the distance, only a memory that learned at test time can an
 10% per digit.
 
 Every example is a function of ``(seed, index)``, so evaluation sets are reproducible.
+
+As a training task (``data.task = "passkey"``), :class:`PasskeySampler` hides the needles in the
+corpus's training bytes; validation hides them in its held-out bytes (``neatlm.data.source``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..nn.loss import IGNORE_INDEX, argmax_correct
+from .corpus import PositionedSampler
 
 QUESTION = b"What is the pass key? The pass key is "
 
@@ -69,3 +73,36 @@ def passkey_accuracy(logits: Tensor, targets: Tensor) -> float:
     """Fraction of sequences whose every answer digit is the arg-max prediction (RULER's score)."""
     right, scored = argmax_correct(logits, targets)
     return (right | ~scored).all(dim=-1).float().mean().item()
+
+
+def passkey_digit_accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Fraction of answer digits that are the arg-max prediction (chance 0.1): a finer signal than
+    :func:`passkey_accuracy` while a model learns, and what ``val_acc`` reports for this task."""
+    right, scored = argmax_correct(logits, targets)
+    return right.sum().item() / max(int(scored.sum()), 1)
+
+
+class PasskeySampler(PositionedSampler):
+    """Training batches of passkey examples hidden in ``haystack`` (the corpus's training bytes).
+
+    Batch ``i`` is ``passkey_batch(seed * 1_000_003 + i)``, a function of ``(seed, i)`` like the
+    other samplers, so the position alone resumes it exactly.
+    """
+
+    def __init__(self, haystack: np.ndarray, batch_size: int, length: int, seed: int, digits: int = 5,
+                 position: int = 0):
+        if length < min_length(digits):
+            raise DataError(f"passkey examples of {length} bytes (train.seq_len * train.segments): must be at "
+                            f"least {min_length(digits)} bytes (the needle and the question)")
+        if haystack.size < length:
+            raise DataError(f"the training data has {haystack.size} bytes, fewer than one passkey example "
+                            f"(train.seq_len * train.segments = {length})")
+        self.haystack, self.batch_size, self.length, self.digits = haystack, batch_size, length, digits
+        self.seed, self.position = seed, position
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) of shape (batch, length); targets are IGNORE_INDEX except the answer digits."""
+        batch = passkey_batch(self.haystack, self.batch_size, self.length, self.seed * 1_000_003 + self.position,
+                              self.digits)
+        self.position += 1
+        return batch

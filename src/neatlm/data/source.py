@@ -1,7 +1,11 @@
 """What the trainer trains on: a sampler of (inputs, targets) batches and fixed validation batches.
 
-Two tasks share this interface: ``text`` (next byte of a corpus) and ``mqar`` (associative recall,
-scored only at query positions). Both samplers are pure functions of ``(seed, position)``.
+Three tasks share this interface: ``text`` (next byte of a corpus), ``mqar`` (associative recall,
+scored only at query positions) and ``passkey`` (a five-digit key hidden at a random depth of
+corpus text, asked at the end; only the answer digits are scored). Every sampler is a pure
+function of ``(seed, position)``. Passkey training examples hide the needle in the corpus's
+training bytes and validation examples in its held-out bytes, both as long as a training window
+(``train.seq_len * train.segments``), so validation measures recall at the trained distance.
 
 A text corpus with ``data.val_fraction = 0`` has no validation data: the trainer then skips
 evaluation. A positive fraction that leaves too little for one validation window is refused when
@@ -18,26 +22,42 @@ import torch
 from ..config import Config
 from ..errors import DataError
 from .corpus import BatchSampler, Corpus, StreamSampler, load_corpus, validation_batches
+from .passkey import PasskeySampler, passkey_batch
 from .synthetic import MQARSampler, mqar_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-VALIDATION_SEED = 987_654_321  # MQAR validation sequences never coincide with training ones
+VALIDATION_SEED = 987_654_321  # MQAR and passkey validation sequences never coincide with training ones
+ACCURACY_TASKS = ("mqar", "passkey")  # tasks whose validation also reports val_acc (arg-max accuracy)
 
 
 @dataclass
 class DataSource:
     task: str
-    sampler: BatchSampler | StreamSampler | MQARSampler
+    sampler: BatchSampler | StreamSampler | MQARSampler | PasskeySampler  # each a PositionedSampler
     corpus: Corpus | None
     cfg: Config
 
     def describe(self) -> str:
         if self.corpus is not None:
             c = self.corpus
-            return f"{c.source} ({c.train.size:,} train / {c.val.size:,} validation bytes)"
+            text = f"{c.source} ({c.train.size:,} train / {c.val.size:,} validation bytes)"
+            if self.task == "passkey":
+                return f"passkey retrieval, {self.window}-byte examples hidden in {text}"
+            return text
         d = self.cfg.data
         return f"MQAR ({d.mqar_pairs} pairs, {d.mqar_queries or d.mqar_pairs} queries, seq_len {self.cfg.train.seq_len})"
+
+    @property
+    def window(self) -> int:
+        """Bytes of one sampled window: ``train.segments`` consecutive ``train.seq_len`` segments."""
+        return self.cfg.train.seq_len * self.cfg.train.segments
+
+    @property
+    def scores_accuracy(self) -> bool:
+        """Whether validation reports ``val_acc``: the fraction of scored positions predicted right
+        (MQAR: queries; passkey: answer digits, chance 0.1)."""
+        return self.task in ACCURACY_TASKS
 
     @property
     def has_validation(self) -> bool:
@@ -48,6 +68,10 @@ class DataSource:
         if not self.has_validation:
             raise DataError(f"{self.corpus.source}: no validation data (data.val_fraction = "
                             f"{self.cfg.data.val_fraction}); set data.val_fraction > 0 to hold some out")
+        if self.task == "passkey":
+            for i in range(n_batches):  # fixed examples: the same for every evaluation
+                yield passkey_batch(self.corpus.val, t.batch_size, self.window, seed=VALIDATION_SEED + i)
+            return
         if self.corpus is not None:
             yield from validation_batches(self.corpus.val, t.batch_size, t.seq_len, n_batches)
             return
@@ -65,9 +89,23 @@ def build_data(cfg: Config) -> DataSource:
                               d.seed)
         return DataSource("mqar", sampler, None, cfg)
     corpus = load_corpus(d)
+    if d.task == "passkey":
+        return _passkey_data(corpus, cfg)
     if corpus.val.size and corpus.val.size < t.seq_len + 1:  # validation windows are seq_len long
         raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
                         f"fewer than one validation window (train.seq_len + 1 = {t.seq_len + 1}); raise it, or set "
                         "it to 0 to train without validation")
     sampler_class = StreamSampler if d.sampling == "stream" else BatchSampler
     return DataSource("text", sampler_class(corpus.train, t.batch_size, window, d.seed), corpus, cfg)
+
+
+def _passkey_data(corpus: Corpus, cfg: Config) -> DataSource:
+    """Passkey examples of one training window each: needles in training text to learn from,
+    needles in held-out text to validate on."""
+    t, d = cfg.train, cfg.data
+    window = t.seq_len * t.segments
+    if corpus.val.size and corpus.val.size < window:
+        raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
+                        f"fewer than one passkey example (train.seq_len * train.segments = {window}); raise it, or "
+                        "set it to 0 to train without validation")
+    return DataSource("passkey", PasskeySampler(corpus.train, t.batch_size, window, d.seed), corpus, cfg)

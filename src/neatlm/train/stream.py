@@ -145,7 +145,15 @@ def compressor_bits_per_byte(files: Sequence[bytes]) -> dict[str, float]:
     return {name: 8 * size / total for name, size in sizes.items()}
 
 
-@torch.no_grad()
+@dataclass
+class PasskeyScore:
+    """Passkey accuracy at one length: every digit right (RULER's score, chance 1e-5 for five
+    digits) and per digit (chance 0.1)."""
+
+    all_digits: float
+    per_digit: float
+
+
 def passkey_eval(model: NeatLM, haystack, lengths: Sequence[int], examples: int = 20, call_len: int = 256,
                  learn: bool = True, seed: int = 0, digits: int = 5,
                  device: torch.device | str = "cpu") -> dict[int, float]:
@@ -155,12 +163,21 @@ def passkey_eval(model: NeatLM, haystack, lengths: Sequence[int], examples: int 
     bounded at any length; only the logits of the answer positions are kept.
     ``haystack``: uint8 held-out text the needles are hidden in.
     """
-    from ..data.passkey import passkey_accuracy, passkey_batch
+    scores = passkey_scores(model, haystack, lengths, examples, call_len, learn, seed, digits, device)
+    return {length: score.all_digits for length, score in scores.items()}
+
+
+@torch.no_grad()
+def passkey_scores(model: NeatLM, haystack, lengths: Sequence[int], examples: int = 20, call_len: int = 256,
+                   learn: bool = True, seed: int = 0, digits: int = 5,
+                   device: torch.device | str = "cpu") -> dict[int, PasskeyScore]:
+    """:func:`passkey_eval` with the per-digit accuracy as well, from the same logits."""
+    from ..data.passkey import passkey_accuracy, passkey_batch, passkey_digit_accuracy
 
     was_training = model.training
     model.eval()
     ttl = TTLControl(learn=learn)
-    accuracy = {}
+    scores = {}
     for length in lengths:
         x, y = passkey_batch(haystack, examples, length, seed=seed + length, digits=digits)
         x, answer = x.to(device), length - digits         # targets from ``answer`` on are the digits
@@ -170,6 +187,7 @@ def passkey_eval(model: NeatLM, haystack, lengths: Sequence[int], examples: int 
             state = detach_state(out.state)
             if start + call_len > answer:
                 kept.append(out.logits[:, max(answer - start, 0):].float().cpu())
-        accuracy[length] = passkey_accuracy(torch.cat(kept, 1), y[:, answer:])
+        logits, targets = torch.cat(kept, 1), y[:, answer:]
+        scores[length] = PasskeyScore(passkey_accuracy(logits, targets), passkey_digit_accuracy(logits, targets))
     model.train(was_training)
-    return accuracy
+    return scores

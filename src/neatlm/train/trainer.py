@@ -351,7 +351,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
-                        self.hw.device, self.hw.autocast(), accuracy=self.data.task == "mqar")
+                        self.hw.device, self.hw.autocast(), accuracy=self.data.scores_accuracy)
 
     def _stop_requested(self, stop: _StopRequests) -> bool:
         """Whether a signal asked to stop; under torchrun, whether any process got one (all stop together)."""
@@ -404,8 +404,9 @@ class Trainer:
                     last.update(val)
                     if metrics:
                         metrics.write(self.step, val)
+                        accuracy = f", val_acc {val['val_acc']:.4f}" if "val_acc" in val else ""
                         bar.write(f"step {self.step}: val_loss {val['val_loss']:.4f}, "
-                                  f"val_bpb {val['val_bpb']:.4f}")
+                                  f"val_bpb {val['val_bpb']:.4f}{accuracy}")
                     window_start = time.perf_counter()  # do not charge evaluation to tokens/s
                 stopping = self._stop_requested(stop) and self.step < end  # at the end: just finish
                 if self.step % t.save_every == 0 or self.step == end or stopping:
