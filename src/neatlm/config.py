@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .data.passkey import min_length
 from .grad.components import parse_components
 from .grad.guard import GuardConfig
 from .nn.memory import MemorySettings
@@ -353,8 +354,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be < model.vocab_size / 2 - 1 "
                               f"= {m.vocab_size // 2 - 1} (keys must be distinct)")
     if d.task == "passkey":
-        from .data.passkey import min_length  # here, not at the top: neatlm.data imports this module
-
         window = t.seq_len * t.segments
         if window < min_length():
             raise ConfigError(f"train.seq_len * train.segments = {t.seq_len} * {t.segments} = {window}: must be >= "

@@ -14,12 +14,15 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..config import DataConfig
 from ..errors import DataError
+
+if TYPE_CHECKING:  # annotations only: the config module needs neatlm.data.passkey at import
+    from ..config import DataConfig
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
