@@ -1,6 +1,6 @@
 """Configuration as data: one dataclass per section, TOML presets, ``--set a.b=c`` overrides.
 
-Every field may carry validation metadata (``choices``, ``min``, ``max``); :func:`validate`
+Every field may carry validation metadata (``choices``, ``min``, ``max``, ``above``, ``below``); :func:`validate`
 checks the whole tree before any work starts, and every failure is a :class:`ConfigError`
 whose message is one line naming the key, the value and what is allowed.
 
@@ -90,6 +90,10 @@ class DataConfig:
                    choices=("text", "mqar"))
     mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
     mqar_queries: int = _f(0, "MQAR queries per sequence; 0 = one per pair", min=0)
+    mqar_gaps: str = _f("uniform", "where MQAR queries sit after the pairs: uniform = any slot alike; power = slot x "
+                        "with weight power_a * x^(power_a - 1), most near the pairs, a few far (Zoology)",
+                        choices=("uniform", "power"))
+    mqar_power_a: float = _f(0.01, "exponent of data.mqar_gaps = 'power' (Zoology: 0.01; 1 = uniform)", above=0.0)
 
 
 @dataclass
@@ -348,8 +352,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: 2 * pairs + 2 * queries = "
                               f"{2 * d.mqar_pairs + 2 * queries} must fit in train.seq_len = {t.seq_len}")
         if d.mqar_pairs > m.vocab_size // 2 - 1:
-            raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be < model.vocab_size / 2 - 1 "
-                              f"= {m.vocab_size // 2 - 1} (keys must be distinct)")
+            raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be <= model.vocab_size // 2 - 1 = "
+                              f"{m.vocab_size // 2 - 1} (distinct keys come from [1, vocab_size / 2)); raise "
+                              f"model.vocab_size to at least {2 * d.mqar_pairs + 2}")
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
 
