@@ -104,6 +104,9 @@ class TrainConfig:
     accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     segments: int = _f(1, "consecutive seq_len segments per sampled window; memory state is carried and "
                        "detached between them (truncated backprop through long documents)", min=1)
+    logits: str = _f("all", "where training computes the output head: all positions, or only the scored ones "
+                     "(MQAR: the queries; same loss and gradients, a fraction of the head's cost at a large vocabulary)",
+                     choices=("all", "scored"))
     lr: float = _f(3e-3, "peak learning rate", min=0.0)
     min_lr_ratio: float = _f(0.1, "final learning rate / peak", min=0.0, max=1.0)
     warmup_steps: int = _f(100, "linear warmup steps", min=0)
