@@ -320,6 +320,8 @@ def bad_values(tp: Any, rules: dict[str, Any], quick: bool) -> list[BadValue]:
         if "max" in rules:
             for x in (math.nextafter(rules["max"], math.inf), rules["max"] + 1.0):
                 vals.append(BadValue("above max", _float_text(x), _float_text(x)))
+        if "above" in rules:
+            vals.append(BadValue("not above bound", _float_text(rules["above"]), _float_text(rules["above"])))
         if "below" in rules:
             vals.append(BadValue("not below bound", _float_text(rules["below"]), _float_text(rules["below"])))
     elif tp is str:

@@ -1,7 +1,7 @@
 """Configuration as data: one dataclass per section, TOML presets, ``--set a.b=c`` overrides.
 
-Every field may carry validation metadata (``choices``, ``min``, ``max``); :func:`validate`
-checks the whole tree before any work starts, and every failure is a :class:`ConfigError`
+Every field may carry validation metadata (``choices``, ``min``, ``max``, ``above``, ``below``);
+:func:`validate` checks the whole tree before any work starts, and every failure is a :class:`ConfigError`
 whose message is one line naming the key, the value and what is allowed.
 
 Defaults equal the ``tiny`` preset, so ``Config()`` is the model ``neat train`` trains.
@@ -93,6 +93,10 @@ class DataConfig:
                    choices=("text", "mqar", "passkey"))
     mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
     mqar_queries: int = _f(0, "MQAR queries per sequence; 0 = one per pair", min=0)
+    mqar_gaps: str = _f("uniform", "where MQAR queries sit after the pairs: uniform = any slot alike; power = slot x "
+                        "with weight power_a * x^(power_a - 1), most near the pairs, a few far (Zoology)",
+                        choices=("uniform", "power"))
+    mqar_power_a: float = _f(0.01, "exponent of data.mqar_gaps = 'power' (Zoology: 0.01; 1 = uniform)", above=0.0)
 
 
 @dataclass
@@ -103,6 +107,9 @@ class TrainConfig:
     accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     segments: int = _f(1, "consecutive seq_len segments per sampled window; memory state is carried and "
                        "detached between them (truncated backprop through long documents)", min=1)
+    logits: str = _f("all", "where training computes the output head: all positions, or only the scored ones "
+                     "(MQAR: the queries; same loss and gradients, a fraction of the head's cost at a large vocabulary)",
+                     choices=("all", "scored"))
     lr: float = _f(3e-3, "peak learning rate", min=0.0)
     min_lr_ratio: float = _f(0.1, "final learning rate / peak", min=0.0, max=1.0)
     warmup_steps: int = _f(100, "linear warmup steps", min=0)
@@ -351,8 +358,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: 2 * pairs + 2 * queries = "
                               f"{2 * d.mqar_pairs + 2 * queries} must fit in train.seq_len = {t.seq_len}")
         if d.mqar_pairs > m.vocab_size // 2 - 1:
-            raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be < model.vocab_size / 2 - 1 "
-                              f"= {m.vocab_size // 2 - 1} (keys must be distinct)")
+            raise ConfigError(f"data.mqar_pairs = {d.mqar_pairs}: must be <= model.vocab_size // 2 - 1 = "
+                              f"{m.vocab_size // 2 - 1} (distinct keys come from [1, vocab_size / 2)); raise "
+                              f"model.vocab_size to at least {2 * d.mqar_pairs + 2}")
     if d.task == "passkey":
         window = t.seq_len * t.segments
         if window < min_length():

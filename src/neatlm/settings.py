@@ -27,7 +27,7 @@ class ConfigError(NeatError, ValueError):
 
 def setting(default: Any, help: str = "", **rules: Any) -> Any:
     """A dataclass field with a default, a one-line help and validation rules
-    (``choices``, ``min``, ``max`` inclusive, ``below`` exclusive; for tuples the rules apply to each element)."""
+    (``choices``, ``min``, ``max`` inclusive, ``above``, ``below`` exclusive; for tuples the rules apply to each element)."""
     if isinstance(default, (list, dict, set)):  # pragma: no cover - a programming error
         raise TypeError("mutable defaults: use a tuple")
     return field(default=default, metadata={"help": help, **rules})
@@ -90,6 +90,8 @@ def check_rules(key: str, value: Any, rules: dict[str, Any]) -> None:
         raise ConfigError(f"{key} = {value!r}: must be >= {rules['min']}")
     if "max" in rules and value > rules["max"]:
         raise ConfigError(f"{key} = {value!r}: must be <= {rules['max']}")
+    if "above" in rules and value <= rules["above"]:
+        raise ConfigError(f"{key} = {value!r}: must be > {rules['above']}")
     if "below" in rules and value >= rules["below"]:
         raise ConfigError(f"{key} = {value!r}: must be < {rules['below']}")
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import Config
+from ..config import Config, DataConfig
 from ..errors import DataError
 from .corpus import BatchSampler, Corpus, StreamSampler, load_corpus, validation_batches
 from .passkey import PasskeySampler, passkey_batch
@@ -46,7 +46,8 @@ class DataSource:
                 return f"passkey retrieval, {self.window}-byte examples hidden in {text}"
             return text
         d = self.cfg.data
-        return f"MQAR ({d.mqar_pairs} pairs, {d.mqar_queries or d.mqar_pairs} queries, seq_len {self.cfg.train.seq_len})"
+        return (f"MQAR ({d.mqar_pairs} pairs, {d.mqar_queries or d.mqar_pairs} queries, seq_len "
+                f"{self.cfg.train.seq_len}, {_gaps_text(d)} gaps, vocab {self.cfg.model.vocab_size})")
 
     @property
     def window(self) -> int:
@@ -78,7 +79,12 @@ class DataSource:
         d = self.cfg.data
         for i in range(n_batches):
             yield mqar_batch(t.batch_size, t.seq_len, d.mqar_pairs, self.cfg.model.vocab_size,
-                             d.mqar_queries or None, seed=VALIDATION_SEED + i)
+                             d.mqar_queries or None, seed=VALIDATION_SEED + i, gaps=d.mqar_gaps,
+                             power_a=d.mqar_power_a)
+
+
+def _gaps_text(d: DataConfig) -> str:
+    return f"power-law (a = {d.mqar_power_a:g})" if d.mqar_gaps == "power" else "uniform"
 
 
 def build_data(cfg: Config) -> DataSource:
@@ -86,7 +92,7 @@ def build_data(cfg: Config) -> DataSource:
     window = t.seq_len * t.segments  # consecutive segments of one sampled window
     if d.task == "mqar":
         sampler = MQARSampler(t.batch_size, window, d.mqar_pairs, cfg.model.vocab_size, d.mqar_queries or None,
-                              d.seed)
+                              d.seed, gaps=d.mqar_gaps, power_a=d.mqar_power_a)
         return DataSource("mqar", sampler, None, cfg)
     corpus = load_corpus(d)
     if d.task == "passkey":

@@ -41,7 +41,8 @@ ModelState = list  # one mixer state per block
 class ModelOutput(NamedTuple):
     """What one call of :class:`NeatLM` returns.
 
-    logits: (B, T, vocab).
+    logits: (B, T, vocab); (N, vocab) when the call passed ``scored`` (one row per True position,
+        in row-major order).
     state: one mixer state per block; pass it back to continue the sequences exactly.
     aux_loss: the sum of the components' auxiliary losses (MoE load balance), in the graph and
         already weighted: add it to the training objective. None when no component has one.
@@ -137,7 +138,11 @@ class Block(nn.Module):
 
 class NeatLM(nn.Module):
     """``out = model(idx, state=None, ttl=TTLControl())`` for byte ids ``idx`` of shape (batch, time);
-    ``out`` is a :class:`ModelOutput` (logits, state, aux_loss, stats)."""
+    ``out`` is a :class:`ModelOutput` (logits, state, aux_loss, stats).
+
+    ``scored``, a boolean (batch, time) mask, runs the output head only where it is True: a loss
+    that scores few positions (MQAR scores only its queries) needs no other logits, and at a large
+    vocabulary the head is most of a small model's step."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -148,7 +153,8 @@ class NeatLM(nn.Module):
         self.norm = nn.RMSNorm(m.dim, eps=m.norm_eps)
         nn.init.normal_(self.embed.weight, std=m.init_std)  # also the tied output head
 
-    def forward(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl()) -> ModelOutput:
+    def forward(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl(),
+                scored: Tensor | None = None) -> ModelOutput:
         x = self.embed(idx)                                   # (B, T, dim)
         states = state if state is not None else [None] * len(self.blocks)
         new_states: ModelState = []
@@ -161,7 +167,10 @@ class NeatLM(nn.Module):
                 aux_terms.append(aux)
             if isinstance(s, MemoryMixerState):
                 stats.update({f"ttl/layer{i}/{k}": v for k, v in s.memory.stats.items()})
-        logits = F.linear(self.norm(x), self.embed.weight)  # (B, T, vocab), tied head
+        x = self.norm(x)
+        if scored is not None:
+            x = x[scored]                                     # (N, dim): only the positions scored
+        logits = F.linear(x, self.embed.weight)               # (B, T, vocab) or (N, vocab), tied head
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
         return ModelOutput(logits, new_states, aux_loss, stats)
 

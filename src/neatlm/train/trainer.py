@@ -41,7 +41,7 @@ from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, comp
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
 from ..hardware import detect
-from ..nn.loss import lm_loss, scored_count
+from ..nn.loss import IGNORE_INDEX, lm_loss, scored_count
 from ..nn.memory import TTLControl
 from ..nn.model import NeatLM
 from . import checkpoint as ckpt
@@ -279,9 +279,10 @@ class Trainer:
         for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
             if reset == "batch":
                 state = None
+            mask = ys != IGNORE_INDEX if self.cfg.train.logits == "scored" else None
             with self.hw.autocast():
-                out = self.model(xs, state, ttl)
-                loss_sum = lm_loss(out.logits, ys, reduction="sum")
+                out = self.model(xs, state, ttl, scored=mask)
+                loss_sum = lm_loss(out.logits, ys if mask is None else ys[mask], reduction="sum")
                 objective = self.objective.term(loss_sum, scored, out.aux_loss)
             self.coord.backward(objective)
             state = detach_state(out.state)
