@@ -62,3 +62,20 @@ def test_trainer_carries_state_along_the_stream(corpus_dir: Path, tmp_path: Path
     assert first is not None
     trainer.train_step()
     assert trainer.carried.value is not first
+
+
+def test_init_from_starts_from_another_runs_weights(corpus_dir: Path, tmp_path: Path):
+    from neatlm.errors import CheckpointError
+
+    base = Trainer(small_config(corpus_dir, tmp_path / "base", steps=2))
+    base.train()
+    cfg = small_config(corpus_dir, tmp_path / "tuned", steps=2)
+    cfg.train.init_from, cfg.train.seed = str(tmp_path / "base"), 123
+    tuned = Trainer(cfg, run_dir=tmp_path / "tuned")
+    for name, w in base.model.state_dict().items():
+        assert torch.equal(tuned.model.state_dict()[name], w), name
+    assert tuned.step == 0 and tuned.sampler.position == 0       # only the weights come along
+    wider = small_config(corpus_dir, tmp_path / "wider", steps=2)
+    wider.model.dim, wider.train.init_from = 64, str(tmp_path / "base")
+    with pytest.raises(CheckpointError, match="train.init_from = .*base.*does not match the model this run's config"):
+        Trainer(wider, run_dir=tmp_path / "wider")

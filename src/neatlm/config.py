@@ -118,6 +118,8 @@ class TrainConfig:
     beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "clip the global gradient norm; 0 = off", min=0.0)
     seed: int = _f(0, "seed of the model init", min=0)
+    init_from: str = _f("", "a run or checkpoint directory whose model weights start this run (fine-tuning: the "
+                        "optimizer, schedule, step and data start fresh); empty = random init")
     device: str = _f("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _f("auto", "auto = bf16 autocast only where a measurement shows it faster",
                         choices=("auto", "fp32", "bf16"))

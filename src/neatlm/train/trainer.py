@@ -161,6 +161,8 @@ class Trainer:
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
         self.model = NeatLM(cfg).to(self.hw.device)
+        if t.init_from and _resume_from is None:   # a resumed run has its own weights
+            self._init_weights_from(t.init_from)
         self.sampler = self.data.sampler
         specs = component_specs(cfg)
         try:
@@ -177,6 +179,16 @@ class Trainer:
         self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
             self._restore(_resume_from)
+
+    def _init_weights_from(self, path: str) -> None:
+        """Start from another run's model weights (fine-tuning), verified and shape-checked."""
+        try:
+            found = ckpt.read_checkpoint(path)
+            ckpt.check_weights(self.model.state_dict(), found.states["model"], found.file_of("model"),
+                               "the model this run's config builds")
+        except CheckpointError as exc:
+            raise CheckpointError(f"train.init_from = {path!r}: {exc}") from None
+        self.model.load_state_dict(found.states["model"])
 
     @property
     def step(self) -> int:
