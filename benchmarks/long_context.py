@@ -19,6 +19,7 @@ per window) and ``long-attention`` (the long preset without memory).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -29,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from neatlm.config import load_config  # noqa: E402
+from neatlm.config import from_dict, load_config  # noqa: E402
+from neatlm.nn.model import NeatLM  # noqa: E402
+from neatlm.train.checkpoint import list_checkpoints, read_checkpoint  # noqa: E402
 from neatlm.data.corpus import held_out_documents  # noqa: E402
 from neatlm.train.stream import BUCKET_NAMES, compressor_bits_per_byte, stream_eval, streaming_model  # noqa: E402
 from neatlm.train.trainer import Trainer  # noqa: E402
@@ -53,6 +56,23 @@ def seconds_per_step(preset: str, sets: list[str], probe_steps: int) -> float:
     return (time.perf_counter() - start) / probe_steps
 
 
+def finished_run(run_dir: Path, steps: int) -> tuple[NeatLM, float, float] | None:
+    """(model, training seconds, final val bpb) of a run already trained to ``steps`` in ``run_dir``
+    (a rerun after a failed evaluation reuses it), else None."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    ckpt = read_checkpoint(found[-1])
+    if ckpt.step != steps:
+        return None
+    model = NeatLM(from_dict(ckpt.config))
+    model.load_state_dict(ckpt.states["model"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    elapsed = max(r.get("elapsed_s", 0.0) for r in records)
+    val = [r["val_bpb"] for r in records if "val_bpb" in r]
+    return model, elapsed, val[-1] if val else math.nan
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=600.0, help="training wall time of each variant")
@@ -61,7 +81,8 @@ def main() -> None:
     ap.add_argument("--max-files", type=int, default=0, help="0 = every held-out file")
     ap.add_argument("--call-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", default="", help="keep the trained runs here (default: a temporary directory)")
+    ap.add_argument("--runs", default="", help="keep the trained runs here (default: a temporary directory); "
+                    "a rerun with the same --runs reuses its step plan and the runs it finished")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.variants.split(",")
@@ -70,13 +91,19 @@ def main() -> None:
         ap.error(f"--variants: unknown {', '.join(unknown)} (allowed: {', '.join(VARIANTS)})")
     runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="long_context_"))
 
-    # every step count is fixed from a probe before any training, so the probes run on a quiet machine
-    plans = {}
+    # every step count is fixed from a probe before any training, so the probes run on a quiet
+    # machine; the plan is kept with the runs, so a rerun reuses it and the runs it finished
+    plan_file = runs / "plan.json"
+    plans = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     for name in names:
+        if name in plans:
+            continue
         preset, extra = VARIANTS[name]
         per_step = seconds_per_step(preset, COMMON + extra, args.probe_steps)
         plans[name] = max(20, int(args.seconds / per_step))
         print(f"{name}: {per_step:.2f} s/step -> {plans[name]} steps", file=sys.stderr)
+    runs.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(json.dumps(plans))
 
     docs = held_out_documents(load_config("tiny").data)
     if args.max_files:
@@ -88,18 +115,23 @@ def main() -> None:
         cfg = load_config(preset, overrides=COMMON + extra + [
             f"train.steps={steps}", f"train.save_every={steps}", f"train.warmup_steps={min(100, steps // 10)}",
             f"train.run_dir={runs / name}"])
-        trainer = Trainer(cfg, run_dir=runs / name)
-        start = time.perf_counter()
-        result = trainer.train()
-        train_s = time.perf_counter() - start
-        model = streaming_model(trainer.model)
+        done = finished_run(runs / name, steps)
+        if done is None:
+            trainer = Trainer(cfg, run_dir=runs / name)
+            start = time.perf_counter()
+            val_bpb = trainer.train()["val_bpb"]
+            train_s, model = time.perf_counter() - start, trainer.model
+        else:
+            model, train_s, val_bpb = done
+            print(f"{name}: reusing the finished run in {runs / name}", file=sys.stderr)
+        model = streaming_model(model)
         tokens = steps * cfg.train.batch_size * cfg.train.seq_len * cfg.train.segments
         modes = (True, False) if cfg.memory.enabled else (True,)
         for learn in modes:
             start = time.perf_counter()
             bpb = stream_eval(model, docs, call_len=args.call_len, learn=learn).bits_per_byte()
             label = name + ("" if not cfg.memory.enabled else (", TTL on" if learn else ", TTL off"))
-            rows.append((label, steps, tokens, train_s, result["val_bpb"], bpb, time.perf_counter() - start))
+            rows.append((label, steps, tokens, train_s, val_bpb, bpb, time.perf_counter() - start))
             print(f"{label}: {steps} steps in {train_s:.0f} s, stream bpb {bpb['all']:.3f}", file=sys.stderr)
 
     total = sum(len(d) for d in docs)

@@ -150,3 +150,9 @@ def test_stream_statistics_follow_the_file_without_changing_the_loss():
     assert {"inner_loss_before", "inner_loss_after", "forget_gate_mean"} <= set(stats)
     before = stats["inner_loss_before"]
     assert before["0-256"] > 0 and before["256-1K"] > 0 and math.isnan(before["1K-4K"])
+
+
+def test_empty_and_one_byte_files_are_skipped():
+    model = memory_model()
+    data = text(100)
+    assert stream_eval(model, [b"", data, b"x"], call_len=32).nats == stream_eval(model, [data], call_len=32).nats

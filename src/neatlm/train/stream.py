@@ -109,6 +109,8 @@ def stream_eval(model: NeatLM, files: Sequence[bytes], call_len: int = 256, lear
     ttl = TTLControl(learn=learn, collect_stats=collect_stats)
     result = StreamResult()
     for data in files:
+        if len(data) < 2:     # an empty or one-byte file has nothing to predict
+            continue
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().to(device)
         state = None
         for start in range(0, ids.numel() - 1, call_len):
