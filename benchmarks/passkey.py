@@ -45,9 +45,20 @@ def lengths_arg(text: str) -> list[int]:
     return lengths
 
 
+def init_arg(text: str) -> dict[str, str]:
+    """``PRESET=RUN_DIR,...``: the run whose weights each preset starts from (fine-tuning)."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if not all(len(p) == 2 and p[0] and p[1] for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PRESET=RUN_DIR[,PRESET=RUN_DIR]")
+    return dict(pairs)
+
+
 def overrides(args: argparse.Namespace, preset: str, run_dir: Path) -> list[str]:
-    """The preset as it is, or cut to ``--steps`` (warmup at most a tenth, one checkpoint at the end)."""
+    """The preset as it is, or cut to ``--steps`` (warmup at most a tenth, one checkpoint at the end),
+    started from ``--init``'s run for this preset if one is named."""
     sets = [*COMMON, f"train.threads={args.threads}", f"train.run_dir={run_dir}"]
+    if preset in args.init:
+        sets.append(f"train.init_from={args.init[preset]}")
     if args.steps:
         warmup = min(load_config(preset).train.warmup_steps, args.steps // 10)
         sets += [f"train.steps={args.steps}", f"train.warmup_steps={warmup}", f"train.save_every={args.steps}"]
@@ -79,7 +90,8 @@ def train_and_score(args: argparse.Namespace, preset: str, runs: Path) -> tuple[
         print(f"{label}: " + ", ".join(f"{n}: {s.all_digits:.2f}" for n, s in scores.items()), file=sys.stderr)
     t = cfg.train
     trained = (f"{preset}: {t.steps} steps of {t.batch_size} x {t.seq_len * t.segments}-byte examples "
-               f"({t.segments} x {t.seq_len}), attention window {cfg.model.window}")
+               f"({t.segments} x {t.seq_len}), attention window {cfg.model.window}"
+               + (f", starting from {t.init_from}" if t.init_from else ", from scratch"))
     return rows, trained
 
 
@@ -112,6 +124,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=20, help="examples per length")
     ap.add_argument("--call-len", type=int, default=256, help="bytes per model call at evaluation")
     ap.add_argument("--seed", type=int, default=0, help="seed of the evaluation examples")
+    ap.add_argument("--init", type=init_arg, default={}, metavar="PRESET=RUN_DIR,...",
+                    help="fine-tune: start each named preset from that run's weights (e.g. a long-context model "
+                         "trained on text by benchmarks/long_context.py --runs)")
     ap.add_argument("--runs", default="", help="keep the trained runs here (default: a temporary directory)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for every preset")
     args = ap.parse_args()

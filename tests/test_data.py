@@ -89,3 +89,17 @@ def test_mqar_layout_and_scoring():
     assert argmax_hits(torch.zeros(8, 64, 64), y) == (0, 64)
     with pytest.raises(ValueError, match="exceeds seq_len"):
         mqar_batch(1, 10, pairs=8)
+
+
+@pytest.mark.parametrize("task", ["text", "mqar"])
+def test_validation_windows_are_as_long_as_training_windows(tmp_path: Path, task: str):
+    from neatlm.config import load_config
+    from neatlm.data.source import build_data
+
+    root = write_corpus(tmp_path / "c", n_files=20)
+    cfg = load_config(overrides=[f"data.path={root}", "data.val_fraction=0.3", "train.seq_len=64",
+                                 "train.segments=3", f"data.task={task}", "data.mqar_pairs=8"])
+    data = build_data(cfg)
+    x_train, _ = data.sampler.next()
+    x_val, y_val = next(iter(data.validation(1)))
+    assert x_train.shape[1] == x_val.shape[1] == y_val.shape[1] == 192

@@ -74,11 +74,11 @@ class DataSource:
                 yield passkey_batch(self.corpus.val, t.batch_size, self.window, seed=VALIDATION_SEED + i)
             return
         if self.corpus is not None:
-            yield from validation_batches(self.corpus.val, t.batch_size, t.seq_len, n_batches)
+            yield from validation_batches(self.corpus.val, t.batch_size, self.window, n_batches)
             return
         d = self.cfg.data
         for i in range(n_batches):
-            yield mqar_batch(t.batch_size, t.seq_len, d.mqar_pairs, self.cfg.model.vocab_size,
+            yield mqar_batch(t.batch_size, self.window, d.mqar_pairs, self.cfg.model.vocab_size,
                              d.mqar_queries or None, seed=VALIDATION_SEED + i, gaps=d.mqar_gaps,
                              power_a=d.mqar_power_a)
 
@@ -97,10 +97,10 @@ def build_data(cfg: Config) -> DataSource:
     corpus = load_corpus(d)
     if d.task == "passkey":
         return _passkey_data(corpus, cfg)
-    if corpus.val.size and corpus.val.size < t.seq_len + 1:  # validation windows are seq_len long
+    if corpus.val.size and corpus.val.size < window + 1:  # validation windows are as long as training ones
         raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
-                        f"fewer than one validation window (train.seq_len + 1 = {t.seq_len + 1}); raise it, or set "
-                        "it to 0 to train without validation")
+                        f"fewer than one validation window (train.seq_len * train.segments + 1 = {window + 1}); "
+                        "raise it, or set it to 0 to train without validation")
     sampler_class = StreamSampler if d.sampling == "stream" else BatchSampler
     return DataSource("text", sampler_class(corpus.train, t.batch_size, window, d.seed), corpus, cfg)
 
