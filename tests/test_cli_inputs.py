@@ -162,6 +162,17 @@ def test_run_whose_weights_do_not_match_its_config(trained_run, tmp_path, capsys
     assert capsys.readouterr().out == "x\n"
 
 
+def test_init_from_that_is_not_a_fitting_run(trained_run, tmp_path, capsys):
+    corpus = trained_run.parent / "corpus"
+    base = ["train", "--set", f"data.path={corpus}", "--set", "train.steps=1", "--set", "train.progress=false",
+            "--set", "train.device=cpu"]
+    bad([*base, "--set", f"train.run_dir={tmp_path / 'a'}", "--set", f"train.init_from={tmp_path / 'nowhere'}"],
+        capsys, "train.init_from", "nowhere")
+    # the default model is wider than the trained run's
+    bad([*base, "--set", f"train.run_dir={tmp_path / 'b'}", "--set", f"train.init_from={trained_run}"],
+        capsys, "train.init_from", "does not match the model this run's config builds")
+
+
 # ------------------------------------------------------------------------- a small fuzz over flags
 
 _RUN = ["--run", "/nonexistent/neat-run"]  # never reached: the value check comes first
