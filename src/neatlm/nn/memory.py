@@ -83,6 +83,124 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class MemoryShapes:
+    """Sizes the layer derives from its settings and the model width (one place, so that the
+    layer and :func:`training_footprint` cannot disagree)."""
+
+    dim_head: int
+    dim_key: int                          # width of phi(k): dim_head, or the polynomial feature width
+    weights: tuple[tuple[int, int], ...]  # (out, in) of each fast-weight matrix, per head
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        """Widths of the MLP memory's hidden layers (none for the linear memory)."""
+        return tuple(o for o, _ in self.weights[:-1])
+
+
+def memory_shapes(settings: MemorySettings, dim: int) -> MemoryShapes:
+    """dim_head (``dim // heads`` unless set), the key feature width and the fast-weight shapes."""
+    dim_head = settings.dim_head or dim // settings.heads
+    dk = poly_feature_dim(dim_head, settings.poly_degree) if settings.features == "poly" else dim_head
+    if settings.function == "linear":
+        return MemoryShapes(dim_head, dk, ((dim_head, dk),))
+    hidden = max(1, int(round(settings.expansion * dim_head)))
+    shapes = ((hidden, dk),) + ((hidden, hidden),) * (settings.depth - 2) + ((dim_head, hidden),)
+    return MemoryShapes(dim_head, dk, shapes)
+
+
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """Estimated bytes one memory layer keeps for the backward of one training forward, by part.
+
+    The layer's cost grows with the feature width and the fast-weight size in ways that are easy
+    to miss (degree-2 features of a 128-wide head are 8,384 wide; every chunk keeps its own copy
+    of W and S), so a config is checked against this before anything is allocated.
+    """
+
+    fast_weights: int   # W and S that every chunk step keeps (Muon: also its Newton-Schulz iterates)
+    chunks: int         # each chunk's rows [keys; queries] through the memory and the inner-gradient terms
+    features: int       # the polynomial feature map's intermediates for q and k
+    tokens: int         # projections, conv, normalisation, gates and the read, per token
+
+    @property
+    def total(self) -> int:
+        return self.fast_weights + self.chunks + self.features + self.tokens
+
+
+def training_footprint(settings: MemorySettings, dim: int, batch: int, seq_len: int,
+                       dtype_bytes: int = 4) -> MemoryFootprint:
+    """Bytes one :class:`NeuralMemory` keeps for backward over one forward of ``seq_len`` tokens
+    of ``batch`` rows (elements x ``dtype_bytes``; the layer computes in fp32 even under bf16
+    autocast). Pure arithmetic, nothing is allocated.
+
+    Counted per (batch row, head), following what the chunk-parallel scan saves
+    (:mod:`neatlm.ops.memory.chunk`): per complete chunk of b tokens, with n_k = omega_window - 1 + b
+    key rows and R = n_k + b rows [keys; queries]: the chunk's W and S; with Muon also ns_steps + 1
+    weight-sized Newton-Schulz iterates (and their Gram matrices) for every chunk but the last,
+    whose update only feeds the returned state, which training detaches, so its graph is freed;
+    the memory's layer inputs (the first one dim_key wide), pre-activations and output on the R
+    rows; the inner-gradient terms on the key rows (more without the fused backward: autograd keeps
+    the temporaries of silu' and the row-weighted deltas). Then the trailing partial chunk's read, the
+    polynomial feature map's monomials ((2 i - 1) tensors of the degree-i monomials, for q and k),
+    and per token the layer input and about three inner-width tensors (q and k before their
+    normalisation, the merged read; two more for poly features, three for the conv). Not counted:
+    ``ttl.update_every`` (chunks that only read keep less), the backward's own temporaries, and
+    ``mode = "naive"`` (the token-loop reference, for checking only, keeps far more).
+
+    Checked against the bytes of the tensors saved for backward and still alive after the
+    forward (``saved_tensors_hooks``, counted as :mod:`neatlm.grad.checkpointing.measure` counts
+    them) in one fp32 forward of small layers (tests/test_memory_size_guard.py asserts 0.5x-3x):
+    estimate / measured = 1.03 for an identity-feature Titans MLP (fused backward), 0.98 for a
+    poly + Muon + Omega Atlas layer, 0.98-1.07 over linear, depth-3, LayerNorm, conv, degree-3,
+    unclipped and unfused variants, and 1.06 at the tiny preset's width with poly features
+    (dim_head 128, 8,384-wide keys, batch 1: 141 MB estimated, 132 MB measured). A whole training
+    step peaks higher (the backward's gradients come on top): see
+    :func:`neatlm.config.memory_training_bytes`.
+    """
+    layout = memory_shapes(settings, dim)
+    dh, dk, heads = layout.dim_head, layout.dim_key, settings.heads
+    b = settings.chunk_size
+    e = settings.omega_window - 1 if settings.objective == "omega" else 0
+    n_k, rows = e + b, e + 2 * b
+    n_chunks, tail = divmod(seq_len, b)
+    ins = [i for _, i in layout.weights]
+    outs = [o for o, _ in layout.weights]
+    hid = sum(layout.hidden)
+    fused = settings.mode == "chunk" and settings.optimizer == "momentum"
+
+    # all rows: every layer's input, the hidden pre-activations, the output; key rows: each
+    # layer's delta, and silu'(z) and Delta W per hidden layer (plus a few per-row scalars)
+    per_chunk = rows * (sum(ins) + hid + dh) + n_k * (sum(outs) + 2 * hid + 3)
+    if settings.norm and settings.function == "mlp":
+        per_chunk += rows + n_k
+    if not fused:   # autograd keeps silu'(z)'s temporaries and the row-weighted deltas
+        per_chunk += n_k * (3 * hid + sum(outs))
+    n_w = sum(o * i for o, i in layout.weights)
+    w_all = 2 * n_w * n_chunks
+    if settings.optimizer == "muon" and n_chunks > 1:
+        # the last chunk's update only feeds the returned state, which training detaches: its
+        # Newton-Schulz graph is freed with it
+        ns = settings.ns_steps
+        w_all += (n_chunks - 1) * sum((ns + 1) * o * i + 2 * ns * min(o, i) ** 2 for o, i in layout.weights)
+    tail_read = tail * (sum(ins) + hid) if tail else 0
+
+    feat = 0
+    if settings.features == "poly":
+        feat = 2 * sum((2 * i - 1) * math.comb(dh + i - 1, i) for i in range(2, settings.poly_degree + 1))
+    inner = heads * dh
+    per_token = dim + (3 + (2 if settings.features == "poly" else 0) + (3 if settings.conv_size else 0)) * inner \
+        + 4 * heads
+
+    rows_heads = batch * heads
+    return MemoryFootprint(
+        fast_weights=dtype_bytes * rows_heads * w_all,
+        chunks=dtype_bytes * rows_heads * (n_chunks * per_chunk + tail_read),
+        features=dtype_bytes * rows_heads * seq_len * feat,
+        tokens=dtype_bytes * batch * seq_len * per_token,
+    )
+
+
+@dataclass(frozen=True)
 class TTLControl:
     """What test-time learning does in one call (the schedule a trainer varies from step to step).
 
@@ -152,7 +270,8 @@ class NeuralMemory(nn.Module):
         check_settings("memory", cfg)
         if update_every < 1:
             raise ConfigError(f"ttl.update_every = {update_every!r}: must be >= 1")
-        dim_head = cfg.dim_head or dim // cfg.heads
+        layout = memory_shapes(cfg, dim)
+        dim_head = layout.dim_head
         if not cfg.dim_head and dim % cfg.heads:
             raise ConfigError(f"memory.heads = {cfg.heads}: must divide the model width {dim} (or set memory.dim_head)")
         self.settings = cfg
@@ -202,18 +321,9 @@ class NeuralMemory(nn.Module):
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.constant_(lin.bias, bias)   # theta = max_lr / 2, eta = 0.9, alpha = 0.01
 
-        if cfg.features == "poly":
-            self.poly_coeffs = nn.Parameter(poly_init_coeffs(cfg.poly_degree))
-            dk = poly_feature_dim(dim_head, cfg.poly_degree)
-        else:
-            self.poly_coeffs = None
-            dk = dim_head
-        self.dim_key = dk
-        if function == "linear":
-            shapes = [(dim_head, dk)]
-        else:
-            hidden = max(1, int(round(cfg.expansion * dim_head)))
-            shapes = [(hidden, dk)] + [(hidden, hidden)] * (cfg.depth - 2) + [(dim_head, hidden)]
+        self.poly_coeffs = nn.Parameter(poly_init_coeffs(cfg.poly_degree)) if cfg.features == "poly" else None
+        self.dim_key = layout.dim_key
+        shapes = list(layout.weights)
         init = [torch.randn(heads, o, i) / math.sqrt(i) for o, i in shapes]
         if function == "linear":
             init = [torch.zeros(heads, o, i) for o, i in shapes]
