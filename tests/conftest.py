@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import neatlm.config
 from neatlm.config import Config, validate
+
+
+@pytest.fixture(autouse=True)
+def _fixed_free_memory(monkeypatch):
+    """validate() compares a memory config's estimated size with the host's free memory: tests see
+    a fixed 64 GB, so that no outcome depends on what else runs on the host."""
+    monkeypatch.setattr(neatlm.config, "available_memory", lambda: 64 * 10**9)
 
 
 @pytest.fixture(autouse=True)

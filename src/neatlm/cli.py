@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _stream_eval(model, cfg, args)
     if args.task:
         apply_overrides(cfg, [f"data.task={args.task}"])
-        validate(cfg)
+        validate(cfg, check_size=False)   # evaluation takes no training step
     hw = detect(cfg.train.device, "fp32")
     model.to(hw.device)
     data = build_data(cfg)

@@ -10,6 +10,7 @@ Defaults equal the ``tiny`` preset, so ``Config()`` is the model ``neat train`` 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,7 @@ from typing import Any
 from .data.passkey import min_length
 from .grad.components import parse_components
 from .grad.guard import GuardConfig
-from .nn.memory import MemorySettings
+from .nn.memory import MemorySettings, memory_shapes, training_footprint
 from .settings import ConfigError, check_settings, coerce, field_type, setting, type_name
 
 if sys.version_info >= (3, 11):
@@ -29,6 +30,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 
 _f = setting
+log = logging.getLogger("neatlm.config")
 
 
 @dataclass
@@ -297,8 +299,109 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 
 # ----------------------------------------------------------------------------- validation
 
-def validate(cfg: Config) -> None:
-    """Raise :class:`ConfigError` on the first invalid value (types, ranges, cross-field rules)."""
+GB = 1e9
+# what one micro-batch's memory layers may take where the free memory cannot be read (not Linux)
+DEFAULT_MEMORY_LIMIT = 16 * GB
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux ``MemAvailable``); None
+    where that cannot be read. Module level so that tests replace it (never this host's RAM)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_limit(device: str) -> tuple[float, str] | None:
+    """(bytes, where the number comes from) that the memory layers of one micro-batch must fit
+    in, or None where nothing is checked: on a GPU the activations live in device memory, which
+    is not read here (``train.device = "auto"`` counts as a GPU when torch sees one)."""
+    if device in ("cuda", "mps"):
+        return None
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            return None
+    free = available_memory()
+    if free is None:
+        return DEFAULT_MEMORY_LIMIT, "the default limit (free memory unreadable)"
+    return float(free), "available memory"
+
+
+def memory_training_bytes(cfg: Config) -> float:
+    """Estimated peak bytes of the memory layers in one training micro-batch: what every layer
+    keeps for backward (:func:`neatlm.nn.memory.training_footprint` at train.batch_size x
+    train.seq_len, a segment, since the graph is cut between segments), plus one layer's worth for
+    the gradients its backward builds while the others' saved tensors are still alive. With full
+    activation checkpointing one layer's saved tensors are live at a time; with a checkpointing
+    budget, at most the budget and the layer the backward recomputes.
+
+    Against the growth of resident memory over one forward + backward of the whole model (fp32,
+    one thread), estimate / measured = 1.04 for the tiny model with poly features at batch 2
+    (1.41 GB estimated, 1.35 GB measured) and 0.81 for mqar-atlas at batch 4 (0.25 GB, 0.31 GB:
+    there attention and the output head weigh more); hence the warning from half the limit.
+    """
+    m, t, ck = cfg.model, cfg.train, cfg.checkpointing
+    per_layer = training_footprint(cfg.memory, m.dim, t.batch_size, t.seq_len).total
+    kept = per_layer * m.n_layers
+    if ck.memory_budget_mb > 0:
+        kept = min(kept, ck.memory_budget_mb * 2**20 + per_layer)
+    elif ck.policy == "full":
+        kept = per_layer
+    return kept + per_layer
+
+
+def _check_memory_size(cfg: Config) -> None:
+    """Refuse a memory config whose training step cannot fit in memory, before a step runs out of it.
+
+    Polynomial features grow with dim_head squared (degree 2) and every chunk keeps its own copy
+    of the fast weights, so a setting that looks small (the default width with poly features) can
+    ask for more memory than the host has, and the kernel then kills the run without a word.
+    One line: the estimate, the limit, and the keys that shrink it. Above half the limit: a
+    warning (the estimate is of the memory layers alone; the rest of the model, the allocator and
+    other processes want room too).
+    """
+    mem = cfg.memory
+    if not mem.enabled:
+        return
+    limit = memory_limit(cfg.train.device)
+    if limit is None:
+        return
+    cap, source = limit
+    need = memory_training_bytes(cfg)
+    if need <= cap / 2:
+        return
+    m, t = cfg.model, cfg.train
+    shapes = memory_shapes(mem, m.dim)
+    widths = f"memory.dim_head = {mem.dim_head}"
+    if not mem.dim_head:
+        widths = f"{shapes.dim_head}-wide heads (model.dim / heads)"
+    if mem.features == "poly":
+        widths += f" with degree-{mem.poly_degree} features: {shapes.dim_key}-wide keys"
+    what = (f"memory: one training micro-batch needs about {need / GB:.1f} GB for its memory layers "
+            f"(model.n_layers = {m.n_layers}, memory.heads = {mem.heads}, {widths}, memory.chunk_size = "
+            f"{mem.chunk_size}, train.batch_size = {t.batch_size}, train.seq_len = {t.seq_len})")
+    knobs = ("lower memory.dim_head (or raise memory.heads, which shrinks dim_head = model.dim / heads), "
+             "memory.poly_degree (or memory.features = 'identity') or train.batch_size, or raise "
+             "memory.chunk_size (fewer fast-weight copies)")
+    if need > cap:
+        raise ConfigError(f"{what}, more than the {cap / GB:.1f} GB limit ({source}); {knobs}")
+    log.warning("warning: %s, more than half of the %.1f GB limit (%s); %s", what, cap / GB, source, knobs)
+
+
+def validate(cfg: Config, *, check_size: bool = True) -> None:
+    """Raise :class:`ConfigError` on the first invalid value (types, ranges, cross-field rules).
+
+    ``check_size``: also refuse a memory layer too large for this host's free memory (training
+    configs). False for configs read back from a checkpoint to evaluate or generate: what fitted
+    the training host says nothing about this one, and reading needs no training step.
+    """
     for section in SECTIONS:
         check_settings(section, getattr(cfg, section))
     if cfg.components:
@@ -371,6 +474,8 @@ def validate(cfg: Config) -> None:
                               "the needle, the question and the five-digit answer)")
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
+    if check_size:
+        _check_memory_size(cfg)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -399,8 +504,10 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a validated config from :meth:`Config.to_dict` output (e.g. from a checkpoint)."""
+def from_dict(data: dict[str, Any], check_size: bool = False) -> Config:
+    """Rebuild a validated config from :meth:`Config.to_dict` output (e.g. from a checkpoint).
+    ``check_size`` as in :func:`validate`: off by default, since a saved config is mostly read back
+    to evaluate, generate or check a checkpoint's shapes; a resumed training run turns it on."""
     cfg = apply_dict(Config(), data, source="saved config")
-    validate(cfg)
+    validate(cfg, check_size=check_size)
     return cfg

@@ -223,7 +223,7 @@ class Trainer:
     def resume(cls, path: str | Path, overrides: list[str] | None = None) -> "Trainer":
         """Continue the run in ``path`` (a run dir or one of its checkpoint dirs) with its saved config."""
         found = ckpt.read_checkpoint(path)  # verify everything before building anything
-        cfg = from_dict(found.config)
+        cfg = from_dict(found.config, check_size=not overrides)   # with overrides: checked once they apply
         if overrides:
             apply_overrides(cfg, overrides)
             validate(cfg)
