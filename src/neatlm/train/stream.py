@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from ..data.passkey import passkey_accuracy, passkey_batch, passkey_digit_accuracy
 from ..nn.memory import TTLControl
 from ..nn.loss import lm_loss
 from ..nn.model import NeatLM
@@ -174,8 +175,6 @@ def passkey_scores(model: NeatLM, haystack, lengths: Sequence[int], examples: in
                    learn: bool = True, seed: int = 0, digits: int = 5,
                    device: torch.device | str = "cpu") -> dict[int, PasskeyScore]:
     """:func:`passkey_eval` with the per-digit accuracy as well, from the same logits."""
-    from ..data.passkey import passkey_accuracy, passkey_batch, passkey_digit_accuracy
-
     was_training = model.training
     model.eval()
     ttl = TTLControl(learn=learn)
