@@ -110,7 +110,7 @@ def main() -> None:
     docs = held_out_documents(load_config("tiny").data)
     if args.max_files:
         docs = docs[:args.max_files]
-    rows = []
+    rows, inner = [], {}
     for name in names:
         preset, extra = VARIANTS[name]
         steps = plans[name]
@@ -131,8 +131,12 @@ def main() -> None:
         modes = (True, False) if cfg.memory.enabled else (True,)
         for learn in modes:
             start = time.perf_counter()
-            bpb = stream_eval(model, docs, call_len=args.call_len, learn=learn).bits_per_byte()
+            result = stream_eval(model, docs, call_len=args.call_len, learn=learn,
+                                 collect_stats=cfg.memory.enabled and learn)
+            bpb = result.bits_per_byte()
             label = name + ("" if not cfg.memory.enabled else (", TTL on" if learn else ", TTL off"))
+            if result.stat_sums:
+                inner[label] = result.memory_stats()
             rows.append((label, steps, tokens, train_s, val_bpb, bpb, time.perf_counter() - start))
             print(f"{label}: {steps} steps in {train_s:.0f} s, stream bpb {bpb['all']:.3f}", file=sys.stderr)
 
@@ -148,6 +152,16 @@ def main() -> None:
     for name, value in compressor_bits_per_byte(docs).items():
         print(f"{name + ' (per file)':<28}{'':>6}{'':>6}{'':>8}{'':>7}{value:>8.3f}")
     print(f"\nbits per byte; 'val' = validation windows after training; runs in {runs}")
+    if inner:
+        print("\nthe memories along a file (TTL on; mean over layers and the calls starting in each bucket): "
+              "inner_loss_before = the loss on a chunk before the memory learns from it; forget = the "
+              "forgetting gate")
+        print(f"{'model':<28}{'statistic':<20}" + "".join(f"{c:>8}" for c in BUCKET_NAMES))
+        for label, stats in inner.items():
+            for stat, short in (("inner_loss_before", "inner_loss_before"), ("inner_loss_after", "inner_loss_after"),
+                                ("forget_gate_mean", "forget")):
+                cells = "".join(f"{v:>8.3f}" if not math.isnan(v) else f"{'-':>8}" for v in stats[stat].values())
+                print(f"{label:<28}{short:<20}{cells}")
 
 
 if __name__ == "__main__":
