@@ -45,6 +45,8 @@ VARIANTS = {
     "long-random-2k": ("long", ["data.sampling=random", "memory.reset=sequence", "train.segments=8",
                                 "train.batch_size=2"]),
     "long-attention": ("long-attention", []),
+    "long-attention-random": ("long-attention", ["data.sampling=random", "memory.reset=sequence",
+                                                 "train.segments=4", "train.batch_size=4"]),
 }
 COMMON = ["train.progress=false", "train.device=cpu", "train.precision=fp32", "eval.every=0", "eval.batches=8"]
 
