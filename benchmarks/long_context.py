@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--max-files", type=int, default=0, help="0 = every held-out file")
     ap.add_argument("--call-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stats", action="store_true", help="also gather the memories' inner loss along the files "
+                    "(slower)")
     ap.add_argument("--runs", default="", help="keep the trained runs here (default: a temporary directory); "
                     "a rerun with the same --runs reuses its step plan and the runs it finished")
     args = ap.parse_args()
@@ -134,7 +136,7 @@ def main() -> None:
         for learn in modes:
             start = time.perf_counter()
             result = stream_eval(model, docs, call_len=args.call_len, learn=learn,
-                                 collect_stats=cfg.memory.enabled and learn)
+                                 collect_stats=args.stats and cfg.memory.enabled and learn)
             bpb = result.bits_per_byte()
             label = name + ("" if not cfg.memory.enabled else (", TTL on" if learn else ", TTL off"))
             if result.stat_sums:
