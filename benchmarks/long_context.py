@@ -1,7 +1,7 @@
 """Long context: does test-time memory pay when a whole file is read as one stream?
 
-    python benchmarks/long_context.py [--seconds 600] [--variants default,long,long-random,long-attention]
-                                      [--max-files N] [--runs DIR]
+    python benchmarks/long_context.py [--seconds 600] [--variants default,long,...] [--max-files N]
+                                      [--runs DIR] [--stats]
 
 Each variant is trained for the same wall time (a few timed steps first, then as many steps as fit
 in ``--seconds``; the cosine schedule ends there), then every held-out file of the default corpus
@@ -11,9 +11,11 @@ learning on and, for the memory variants, off (the memory reads its initial weig
 same files compressed one by one with zlib -9, bz2 -9 and xz -9e give the reference row.
 
 Variants: ``default`` (the tiny preset, full attention over 256 bytes, streamed with a 256-byte
-window), ``long`` (the long preset: 64-byte window plus memory, trained on carried streams),
-``long-random`` (the same model trained the usual way: random 4 x 256-byte windows, state reset
-per window) and ``long-attention`` (the long preset without memory).
+window); ``long`` (the long preset: 64-byte window plus memory, random 4 x 256-byte windows, state
+reset per window), ``long-2k`` (8 x 256-byte windows) and ``long-stream`` (carried streams,
+``data.sampling = "stream"``); ``long-attention`` and ``long-attention-stream``, the same without
+memory. Run the variants one process at a time or give each process one thread: two processes of
+two threads each on two cores slow each other down many times over.
 """
 
 from __future__ import annotations
@@ -39,14 +41,13 @@ from neatlm.train.trainer import Trainer  # noqa: E402
 
 VARIANTS = {
     "default": ("tiny", []),
+    "long-stream": ("long", ["data.sampling=stream", "memory.reset=never", "train.segments=1",
+                             "train.batch_size=16"]),
     "long": ("long", []),
-    "long-random": ("long", ["data.sampling=random", "memory.reset=sequence", "train.segments=4",
-                             "train.batch_size=4"]),
-    "long-random-2k": ("long", ["data.sampling=random", "memory.reset=sequence", "train.segments=8",
-                                "train.batch_size=2"]),
+    "long-2k": ("long", ["train.segments=8", "train.batch_size=2"]),
+    "long-attention-stream": ("long-attention", ["data.sampling=stream", "memory.reset=never", "train.segments=1",
+                                                 "train.batch_size=16"]),
     "long-attention": ("long-attention", []),
-    "long-attention-random": ("long-attention", ["data.sampling=random", "memory.reset=sequence",
-                                                 "train.segments=4", "train.batch_size=4"]),
 }
 COMMON = ["train.progress=false", "train.device=cpu", "train.precision=fp32", "eval.every=0", "eval.batches=8"]
 
