@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .data.passkey import min_length
 from .grad.components import parse_components
 from .grad.guard import GuardConfig
@@ -324,8 +326,6 @@ def memory_limit(device: str) -> tuple[float, str] | None:
     if device in ("cuda", "mps"):
         return None
     if device == "auto":
-        import torch
-
         if torch.cuda.is_available() or torch.backends.mps.is_available():
             return None
     free = available_memory()
