@@ -203,7 +203,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .nn.model import generate
 
-    model, _ = _load_run(args.run)
+    if args.adapt:
+        model = _adapted_for_prompt(args)
+    else:
+        _no_adapt_flags(args)
+        model, _ = _load_run(args.run)
     prompt = torch.tensor(list(args.prompt.encode("utf-8")) or [10], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
     out = generate(model, prompt, args.max_bytes, args.temperature, args.top_k, gen)
@@ -217,6 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .hardware import detect
     from .train.evaluate import evaluate
 
+    if args.adapt:
+        return _adapted_eval(args)
+    _no_adapt_flags(args)
     model, cfg = _load_run(args.run)
     if args.task == "passkey":
         return _passkey_eval(model, cfg, args)
@@ -293,6 +300,88 @@ def _passkey_eval(model, cfg, args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_adapt_flags(args: argparse.Namespace) -> None:
+    used = [flag for flag, value in (("--expert", args.expert), ("--set", args.overrides),
+                                     ("--data", getattr(args, "data", None))) if value]
+    if used:
+        raise NeatError(f"{used[0]} goes with --adapt (adaptation of the run by SVF experts)")
+
+
+def _adapt_domain(args: argparse.Namespace, cfg):
+    """The domain named by --data/--extensions, or the run's own training data."""
+    from .adapt.domains import Domain
+
+    if args.data is None:
+        return Domain("run-data", cfg.data.path, cfg.data.extensions, cfg.data.val_fraction)
+    path = Path(args.data)
+    if args.val_fraction > 0.5:
+        raise NeatError(f"--val-fraction {args.val_fraction:g}: must be at most 0.5")
+    if not path.exists():
+        raise NeatError(f"--data {args.data}: no such file or directory")
+    return Domain(path.name or "data", str(path), args.extensions, args.val_fraction)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """Train one SVF expert on a domain (or, with --classifier, the classifier expert)."""
+    from .adapt.session import make_classifier, make_expert, open_run, settings_of
+
+    _check_dir("--run", args.run, "run or checkpoint directory")
+    settings = settings_of(args.overrides)
+    if args.classifier:
+        if args.data is not None or args.name is not None:
+            raise NeatError("--classifier trains on the domains of the run's experts: drop --data and --name")
+        adapted = open_run(args.run, settings)
+        _check_writable_dir("--run", adapted.run_dir / "adapt")
+        classifier = make_classifier(adapted, settings, seed=args.seed)
+        print(json.dumps({"classifier": str(adapted.run_dir / "adapt" / "classifier.safetensors"),
+                          "experts": classifier.experts}))
+        return 0
+    if args.data is None or args.name is None:
+        raise NeatError("neat adapt trains an expert: give --data PATH and --name NAME (or --classifier)")
+    from .adapt.files import check_name
+
+    check_name(args.name)
+    adapted = open_run(args.run, settings)
+    _check_writable_dir("--run", adapted.run_dir / "adapt")
+    domain = _adapt_domain(args, adapted.cfg)
+    log = (lambda line: print(f"neat: {line}", file=sys.stderr)) if not args.quiet else None
+    result = make_expert(adapted, domain, args.name, settings, seed=args.seed, log=log)
+    rounded = lambda x: None if math.isnan(x) else round(x, 4)  # noqa: E731
+    print(json.dumps({"expert": args.name, "val_bpb_base": rounded(result.val_bpb_before),
+                      "val_bpb_expert": rounded(result.val_bpb_after), "steps": result.steps,
+                      "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def _adapted_eval(args: argparse.Namespace) -> int:
+    """``neat eval --adapt METHOD``: held-out documents scored past their prefix after the first pass."""
+    from .adapt.session import evaluate_documents, open_run, settings_of
+
+    if args.stream or args.task:
+        raise NeatError("--adapt scores held-out documents of --data (or of the run's data); drop --stream/--task")
+    settings = settings_of(args.overrides)
+    adapted = open_run(args.run, settings)
+    domain = _adapt_domain(args, adapted.cfg)
+    docs = domain.documents(args.docs, args.doc_bytes, settings.prefix + 2)
+    if not docs:
+        raise NeatError(f"--data {domain.path or 'stdlib'}: no held-out document of at least adapt.prefix + 2 = "
+                        f"{settings.prefix + 2} bytes")
+    bpb = evaluate_documents(adapted, docs, args.adapt, settings, expert=args.expert, seed=args.seed)
+    print(json.dumps({"task": "adapt", "method": args.adapt, "expert": args.expert, "documents": len(docs),
+                      "prefix": settings.prefix, "bpb": round(bpb, 4)}))
+    return 0
+
+
+def _adapted_for_prompt(args: argparse.Namespace):
+    """The run's model with the z vectors the first pass chooses from the prompt."""
+    from .adapt.session import generation_z, open_run, settings_of
+
+    settings = settings_of(args.overrides)
+    adapted = open_run(args.run, settings)
+    adapted.use(generation_z(adapted, args.adapt, settings, args.prompt.encode("utf-8"), args.expert))
+    return adapted.model
+
+
 def cmd_gradcheck(args: argparse.Namespace) -> int:
     """Exit 0 when every parameter's gradient is present and matches central differences, else 1."""
     import torch
@@ -355,6 +444,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
 
 
+def _add_adapt_args(p: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
+    p.add_argument("--adapt", choices=methods, default=None,
+                   help="Transformer² two-pass adaptation: the first pass reads the start (adapt.prefix bytes) and "
+                        "picks z vectors: one --expert, the cem mixture of the run's experts, the classifier's "
+                        "expert; ttl learns SVF and memory from the document as it is read")
+    p.add_argument("--expert", type=_text, default=None, help="with --adapt expert (or ttl: its start)")
+    p.add_argument("--set", dest="overrides", type=_text, action="append", default=[], metavar="adapt.KEY=VALUE",
+                   help="with --adapt: an adapt.* setting")
+
+
+def _add_domain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=_text, default=None, metavar="PATH",
+                   help="a domain: a file or directory of text (default: the run's own data)")
+    p.add_argument("--extensions", type=_text, default=".py", help="with --data: file suffixes read, comma-separated")
+    p.add_argument("--val-fraction", type=_finite_float(0.0, inclusive=False), default=0.05,
+                   help="with --data: fraction of files held out (> 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neat", description="Train and use test-time-learning language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_finite_float(0.0, inclusive=True), default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_count, default=0, help="0 = no top-k filtering")
     p.add_argument("--seed", type=_seed, default=0)
+    _add_adapt_args(p, ("expert", "cem", "classifier"))
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="validation bits per byte of a trained run")
@@ -392,7 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--call-len", type=_positive, default=256,
                    help="with --stream or --task passkey: bytes per model call")
     p.add_argument("--max-files", type=_count, default=0, help="with --stream: first N held-out files (0 = all)")
+    _add_adapt_args(p, ("base", "expert", "cem", "classifier", "ttl"))
+    _add_domain_args(p)
+    p.add_argument("--docs", type=_positive, default=16, help="with --adapt: held-out documents scored")
+    p.add_argument("--doc-bytes", type=_positive, default=4096, help="with --adapt: each document cut to this")
+    p.add_argument("--seed", type=_seed, default=0, help="with --adapt cem: the search's seed")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("adapt", help="train an SVF expert (Transformer²) of a run on a domain")
+    p.add_argument("--run", type=_text, required=True, metavar="RUN_DIR", help="the base run")
+    p.add_argument("--name", type=_text, default=None, help="the expert's name (its file: RUN_DIR/adapt/experts/NAME)")
+    p.add_argument("--classifier", action="store_true",
+                   help="train the classifier expert over the domains of the run's experts instead")
+    _add_domain_args(p)
+    p.add_argument("--set", dest="overrides", type=_text, action="append", default=[], metavar="adapt.KEY=VALUE",
+                   help="an adapt.* setting (see `neat config`)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("gradcheck", help="check every parameter's gradient against central differences")
     _add_config_args(p)

@@ -95,6 +95,10 @@ class DataConfig:
                    "recall a 5-digit key hidden at a random depth of corpus text (one example per training window "
                    "of train.seq_len * train.segments bytes; only the answer digits are scored)",
                    choices=("text", "mqar", "passkey"))
+    passkey_depth: str = _f("uniform", "where a training or validation passkey needle sits: uniform = any depth "
+                            "(RULER); log = its distance to the question log-uniform, so some examples fall within a "
+                            "short attention window (a curriculum from copying to remembering); the benchmark and "
+                            "`neat eval --task passkey` always draw uniform depths", choices=("uniform", "log"))
     mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
     mqar_queries: int = _f(0, "MQAR queries per sequence; 0 = one per pair", min=0)
     mqar_gaps: str = _f("uniform", "where MQAR queries sit after the pairs: uniform = any slot alike; power = slot x "
@@ -157,6 +161,28 @@ class EvalConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """``neat adapt`` and the adapted evaluation (Transformer² SVF experts, see neatlm.adapt)."""
+
+    patterns: str = _f("*.mlp.gate_up,*.mlp.down", "comma-separated fnmatch paths of the linear layers whose "
+                       "singular values an expert rescales (default: every MLP weight)")
+    steps: int = _f(200, "optimizer steps of one expert (or of the classifier)", min=1)
+    batch_size: int = _f(16, "windows per step", min=1)
+    seq_len: int = _f(256, "bytes per window", min=2)
+    lr: float = _f(5e-3, "peak AdamW learning rate of the z vectors", above=0.0)
+    warmup_steps: int = _f(10, "linear warmup steps", min=0)
+    prefix: int = _f(512, "bytes of a document's start that the first pass reads to choose the mixture of "
+                     "experts (CEM search, classifier); the adapted model is scored on the rest", min=2)
+    cem_population: int = _f(16, "CEM candidates per generation", min=2)
+    cem_generations: int = _f(6, "CEM generations", min=1)
+    cem_elite: float = _f(0.25, "fraction of each generation that sets the next one's mean and spread",
+                          above=0.0, max=1.0)
+    ttl_chunk: int = _f(256, "coordinated test-time learning: bytes per step (each chunk is scored, then "
+                        "learned from)", min=2)
+    ttl_lr: float = _f(1e-3, "coordinated test-time learning: Adam learning rate of the z vectors", above=0.0)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -168,6 +194,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     # [components.<name>] tables for neatlm.grad.components.parse_components; empty = one
     # AdamW component "all" configured from [train]
     components: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -37,11 +37,32 @@ def min_length(digits: int = 5) -> int:
     return len(needle("0" * digits)) + len(QUESTION) + digits - 1
 
 
-def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 5) -> tuple[Tensor, Tensor, int]:
+DEPTHS = ("uniform", "log")
+
+
+def _needle_depth(rng: np.random.Generator, filler: int, depth: str) -> int:
+    """Where the needle starts in ``filler`` haystack bytes.
+
+    uniform: any depth alike (RULER). log: the distance from the needle to the question is
+    log-uniform in [0, filler], so about ln(w) / ln(filler) of the examples have the key within the
+    last w bytes: a short attention window can copy those, which gives the model a retrieval
+    circuit to start from before it must carry the key in its memory over the far ones.
+    """
+    if depth == "uniform":
+        return int(rng.integers(0, filler + 1))
+    distance = int(np.exp(rng.uniform(0.0, np.log(filler + 1)))) - 1
+    return filler - min(max(distance, 0), filler)
+
+
+def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 5,
+                    depth: str = "uniform") -> tuple[Tensor, Tensor, int]:
     """(inputs, targets, needle_start) for one sequence of ``length`` input bytes.
 
-    ``haystack``: uint8 text to hide the needle in (a random slice of it is used).
+    ``haystack``: uint8 text to hide the needle in (a random slice of it is used); ``depth``: how
+    the needle's depth is drawn (one of :data:`DEPTHS`, see :func:`_needle_depth`).
     """
+    if depth not in DEPTHS:
+        raise DataError(f"passkey depth {depth!r}: must be one of {', '.join(DEPTHS)}")
     key_rng = np.random.default_rng([seed, 0])
     key = "".join(str(d) for d in key_rng.integers(0, 10, digits))
     hidden = needle(key)
@@ -55,17 +76,18 @@ def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 
     rng = np.random.default_rng([seed, 1])
     start = int(rng.integers(0, haystack.size - filler + 1))
     hay = haystack[start:start + filler].tobytes()
-    depth = int(rng.integers(0, filler + 1))
-    seq = hay[:depth] + hidden + hay[depth:] + tail                     # length + 1 bytes
+    at = _needle_depth(rng, filler, depth)
+    seq = hay[:at] + hidden + hay[at:] + tail                           # length + 1 bytes
     ids = torch.tensor(list(seq), dtype=torch.long)
     inputs, targets = ids[:-1], ids[1:].clone()
     targets[: length - digits] = IGNORE_INDEX                            # score the answer digits only
-    return inputs, targets, depth
+    return inputs, targets, at
 
 
-def passkey_batch(haystack: np.ndarray, batch: int, length: int, seed: int, digits: int = 5) -> tuple[Tensor, Tensor]:
+def passkey_batch(haystack: np.ndarray, batch: int, length: int, seed: int, digits: int = 5,
+                  depth: str = "uniform") -> tuple[Tensor, Tensor]:
     """(inputs, targets) of shape (batch, length); example i is ``passkey_example(seed * 1_000_003 + i)``."""
-    pairs = [passkey_example(haystack, length, seed * 1_000_003 + i, digits)[:2] for i in range(batch)]
+    pairs = [passkey_example(haystack, length, seed * 1_000_003 + i, digits, depth)[:2] for i in range(batch)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -90,7 +112,7 @@ class PasskeySampler(PositionedSampler):
     """
 
     def __init__(self, haystack: np.ndarray, batch_size: int, length: int, seed: int, digits: int = 5,
-                 position: int = 0):
+                 position: int = 0, depth: str = "uniform"):
         if length < min_length(digits):
             raise DataError(f"passkey examples of {length} bytes (train.seq_len * train.segments): must be at "
                             f"least {min_length(digits)} bytes (the needle and the question)")
@@ -98,11 +120,11 @@ class PasskeySampler(PositionedSampler):
             raise DataError(f"the training data has {haystack.size} bytes, fewer than one passkey example "
                             f"(train.seq_len * train.segments = {length})")
         self.haystack, self.batch_size, self.length, self.digits = haystack, batch_size, length, digits
-        self.seed, self.position = seed, position
+        self.seed, self.position, self.depth = seed, position, depth
 
     def next(self) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of shape (batch, length); targets are IGNORE_INDEX except the answer digits."""
         batch = passkey_batch(self.haystack, self.batch_size, self.length, self.seed * 1_000_003 + self.position,
-                              self.digits)
+                              self.digits, self.depth)
         self.position += 1
         return batch

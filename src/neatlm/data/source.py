@@ -71,7 +71,8 @@ class DataSource:
                             f"{self.cfg.data.val_fraction}); set data.val_fraction > 0 to hold some out")
         if self.task == "passkey":
             for i in range(n_batches):  # fixed examples: the same for every evaluation
-                yield passkey_batch(self.corpus.val, t.batch_size, self.window, seed=VALIDATION_SEED + i)
+                yield passkey_batch(self.corpus.val, t.batch_size, self.window, seed=VALIDATION_SEED + i,
+                                    depth=self.cfg.data.passkey_depth)
             return
         if self.corpus is not None:
             yield from validation_batches(self.corpus.val, t.batch_size, self.window, n_batches)
@@ -114,4 +115,5 @@ def _passkey_data(corpus: Corpus, cfg: Config) -> DataSource:
         raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
                         f"fewer than one passkey example (train.seq_len * train.segments = {window}); raise it, or "
                         "set it to 0 to train without validation")
-    return DataSource("passkey", PasskeySampler(corpus.train, t.batch_size, window, d.seed), corpus, cfg)
+    return DataSource("passkey", PasskeySampler(corpus.train, t.batch_size, window, d.seed,
+                                                  depth=d.passkey_depth), corpus, cfg)

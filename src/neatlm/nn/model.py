@@ -56,6 +56,16 @@ class ModelOutput(NamedTuple):
     stats: dict[str, Tensor]
 
 
+class Features(NamedTuple):
+    """:meth:`NeatLM.features`: ``hidden`` (B, T, dim) where :class:`ModelOutput` has logits; the
+    other fields as there."""
+
+    hidden: Tensor
+    state: ModelState
+    aux_loss: Tensor | None
+    stats: dict[str, Tensor]
+
+
 def swiglu_hidden(dim: int, requested: int) -> int:
     """8/3 * dim rounded up to a multiple of 16 keeps the SwiGLU cost equal to a 4x GELU MLP."""
     return requested if requested > 0 else 16 * math.ceil(8 * dim / 3 / 16)
@@ -155,6 +165,15 @@ class NeatLM(nn.Module):
 
     def forward(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl(),
                 scored: Tensor | None = None) -> ModelOutput:
+        hidden, new_state, aux_loss, stats = self.features(idx, state, ttl)
+        if scored is not None:
+            hidden = hidden[scored]                           # (N, dim): only the positions scored
+        logits = F.linear(hidden, self.embed.weight)          # (B, T, vocab) or (N, vocab), tied head
+        return ModelOutput(logits, new_state, aux_loss, stats)
+
+    def features(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl()) -> Features:
+        """The model without its output head: the normalised final hidden states, which a head
+        other than next-byte prediction reads (the classifier of two-pass adaptation pools them)."""
         x = self.embed(idx)                                   # (B, T, dim)
         states = state if state is not None else [None] * len(self.blocks)
         new_states: ModelState = []
@@ -167,12 +186,8 @@ class NeatLM(nn.Module):
                 aux_terms.append(aux)
             if isinstance(s, MemoryMixerState):
                 stats.update({f"ttl/layer{i}/{k}": v for k, v in s.memory.stats.items()})
-        x = self.norm(x)
-        if scored is not None:
-            x = x[scored]                                     # (N, dim): only the positions scored
-        logits = F.linear(x, self.embed.weight)               # (B, T, vocab) or (N, vocab), tied head
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
-        return ModelOutput(logits, new_states, aux_loss, stats)
+        return Features(self.norm(x), new_states, aux_loss, stats)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
