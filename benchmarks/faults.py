@@ -474,6 +474,8 @@ def base_args(ws: Workspace) -> dict[str, dict[str, list[str]]]:
         "sweep": {"--config": ["--config", tiny], "--grid": ["--grid", "train.seed=0"],
                   "--out": ["--out", str(ws.fresh("sweep"))]},
         "plot": {"RUN_DIR": [run]},
+        "adapt": {"--run": ["--run", run], "--data": ["--data", str(ws.corpus)], "--name": ["--name", "fuzz"],
+                  "--set": ["--set", "adapt.steps=1", "--set", "adapt.batch_size=1", "--set", "adapt.seq_len=8"]},
     }
 
 

@@ -298,3 +298,15 @@ def test_train_expert_reports_held_out_bits_per_byte(base_run, one_thread):
     result = train_expert(adapted, corpus, settings)
     assert math.isfinite(result.val_bpb_before) and math.isfinite(result.val_bpb_after)
     assert get_z(adapted.model).keys() == result.z.keys()
+
+
+def test_cli_refuses_an_expert_made_for_another_base_model(base_run, capsys, one_thread):
+    adapted = open_base(base_run / "run", PATTERNS)
+    files.write(files.expert_file(base_run / "run", "alien"), adapted.ones(),
+                {"kind": "svf-expert", "base": "fedcba9876543210", "name": "alien"})
+    try:
+        code = main(["eval", "--run", str(base_run / "run"), "--adapt", "expert", "--expert", "alien"])
+        err = capsys.readouterr().err
+        assert code == 2 and "made for base model fedcba9876543210" in err and len(err.strip().splitlines()) == 1
+    finally:
+        files.expert_file(base_run / "run", "alien").unlink()

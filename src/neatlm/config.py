@@ -99,6 +99,9 @@ class DataConfig:
                             "(RULER); log = its distance to the question log-uniform, so some examples fall within a "
                             "short attention window (a curriculum from copying to remembering); the benchmark and "
                             "`neat eval --task passkey` always draw uniform depths", choices=("uniform", "log"))
+    passkey_questions: int = _f(1, "training passkey examples: the question (and its scored answer) asked this many "
+                                "times between the needle and the end, the last at the end: more answers to learn "
+                                "from per example; evaluation always asks once", min=1)
     mqar_pairs: int = _f(32, "MQAR key-value pairs per sequence", min=1)
     mqar_queries: int = _f(0, "MQAR queries per sequence; 0 = one per pair", min=0)
     mqar_gaps: str = _f("uniform", "where MQAR queries sit after the pairs: uniform = any slot alike; power = slot x "
@@ -495,10 +498,10 @@ def validate(cfg: Config, *, check_size: bool = True) -> None:
                               f"model.vocab_size to at least {2 * d.mqar_pairs + 2}")
     if d.task == "passkey":
         window = t.seq_len * t.segments
-        if window < min_length():
+        if window < min_length(questions=d.passkey_questions):
             raise ConfigError(f"train.seq_len * train.segments = {t.seq_len} * {t.segments} = {window}: must be >= "
-                              f"{min_length()} with data.task = 'passkey' (each training window is one example: "
-                              "the needle, the question and the five-digit answer)")
+                              f"{min_length(questions=d.passkey_questions)} with data.task = 'passkey' (each "
+                              "training window is one example: the needle, the questions and the five-digit answers)")
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
     if check_size:

@@ -32,9 +32,9 @@ def needle(key: str) -> bytes:
     return f" The pass key is {key}. Remember it. ".encode()
 
 
-def min_length(digits: int = 5) -> int:
-    """The shortest sequence that holds the needle, the question and the answer."""
-    return len(needle("0" * digits)) + len(QUESTION) + digits - 1
+def min_length(digits: int = 5, questions: int = 1) -> int:
+    """The shortest sequence that holds the needle, the questions and their answers."""
+    return len(needle("0" * digits)) + questions * (len(QUESTION) + digits) - 1
 
 
 DEPTHS = ("uniform", "log")
@@ -55,11 +55,14 @@ def _needle_depth(rng: np.random.Generator, filler: int, depth: str) -> int:
 
 
 def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 5,
-                    depth: str = "uniform") -> tuple[Tensor, Tensor, int]:
+                    depth: str = "uniform", questions: int = 1) -> tuple[Tensor, Tensor, int]:
     """(inputs, targets, needle_start) for one sequence of ``length`` input bytes.
 
     ``haystack``: uint8 text to hide the needle in (a random slice of it is used); ``depth``: how
-    the needle's depth is drawn (one of :data:`DEPTHS`, see :func:`_needle_depth`).
+    the needle's depth is drawn (one of :data:`DEPTHS`, see :func:`_needle_depth`). With
+    ``questions`` > 1 (training only), the question and its answer also come at random points
+    between the needle and the end, each answer scored: more answers per example to learn from,
+    the last one still as far from the needle as ``depth`` drew it.
     """
     if depth not in DEPTHS:
         raise DataError(f"passkey depth {depth!r}: must be one of {', '.join(DEPTHS)}")
@@ -67,27 +70,35 @@ def passkey_example(haystack: np.ndarray, length: int, seed: int, digits: int = 
     key = "".join(str(d) for d in key_rng.integers(0, 10, digits))
     hidden = needle(key)
     tail = QUESTION + key.encode()
-    filler = length + 1 - len(hidden) - len(tail)
+    filler = length + 1 - len(hidden) - questions * len(tail)
     if filler < 0:
-        raise DataError(f"passkey length {length}: must be at least {min_length(digits)} bytes "
-                        "(the needle and the question)")
+        raise DataError(f"passkey length {length}: must be at least {min_length(digits, questions)} bytes "
+                        f"(the needle and {questions} question{'s' * (questions > 1)})")
     if haystack.size < filler:
         raise DataError(f"passkey length {length}: the haystack has only {haystack.size} bytes")
     rng = np.random.default_rng([seed, 1])
     start = int(rng.integers(0, haystack.size - filler + 1))
     hay = haystack[start:start + filler].tobytes()
     at = _needle_depth(rng, filler, depth)
-    seq = hay[:at] + hidden + hay[at:] + tail                           # length + 1 bytes
-    ids = torch.tensor(list(seq), dtype=torch.long)
-    inputs, targets = ids[:-1], ids[1:].clone()
-    targets[: length - digits] = IGNORE_INDEX                            # score the answer digits only
+    cuts = sorted(int(c) for c in rng.integers(at, filler + 1, size=questions - 1)) + [filler]
+    seq, answers, prev = hay[:at] + hidden, [], at
+    for cut in cuts:
+        seq += hay[prev:cut] + QUESTION
+        answers.append(len(seq))                                        # where this answer's digits start
+        seq += key.encode()
+        prev = cut
+    ids = torch.tensor(list(seq), dtype=torch.long)                     # length + 1 bytes
+    inputs, targets = ids[:-1], torch.full((length,), IGNORE_INDEX, dtype=torch.long)
+    for a in answers:                                                   # target j is byte j + 1
+        targets[a - 1:a - 1 + digits] = ids[a:a + digits]
     return inputs, targets, at
 
 
 def passkey_batch(haystack: np.ndarray, batch: int, length: int, seed: int, digits: int = 5,
-                  depth: str = "uniform") -> tuple[Tensor, Tensor]:
+                  depth: str = "uniform", questions: int = 1) -> tuple[Tensor, Tensor]:
     """(inputs, targets) of shape (batch, length); example i is ``passkey_example(seed * 1_000_003 + i)``."""
-    pairs = [passkey_example(haystack, length, seed * 1_000_003 + i, digits, depth)[:2] for i in range(batch)]
+    pairs = [passkey_example(haystack, length, seed * 1_000_003 + i, digits, depth, questions)[:2]
+             for i in range(batch)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -112,19 +123,19 @@ class PasskeySampler(PositionedSampler):
     """
 
     def __init__(self, haystack: np.ndarray, batch_size: int, length: int, seed: int, digits: int = 5,
-                 position: int = 0, depth: str = "uniform"):
-        if length < min_length(digits):
+                 position: int = 0, depth: str = "uniform", questions: int = 1):
+        if length < min_length(digits, questions):
             raise DataError(f"passkey examples of {length} bytes (train.seq_len * train.segments): must be at "
-                            f"least {min_length(digits)} bytes (the needle and the question)")
+                            f"least {min_length(digits, questions)} bytes (the needle and the questions)")
         if haystack.size < length:
             raise DataError(f"the training data has {haystack.size} bytes, fewer than one passkey example "
                             f"(train.seq_len * train.segments = {length})")
         self.haystack, self.batch_size, self.length, self.digits = haystack, batch_size, length, digits
-        self.seed, self.position, self.depth = seed, position, depth
+        self.seed, self.position, self.depth, self.questions = seed, position, depth, questions
 
     def next(self) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of shape (batch, length); targets are IGNORE_INDEX except the answer digits."""
         batch = passkey_batch(self.haystack, self.batch_size, self.length, self.seed * 1_000_003 + self.position,
-                              self.digits, self.depth)
+                              self.digits, self.depth, self.questions)
         self.position += 1
         return batch

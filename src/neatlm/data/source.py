@@ -72,7 +72,7 @@ class DataSource:
         if self.task == "passkey":
             for i in range(n_batches):  # fixed examples: the same for every evaluation
                 yield passkey_batch(self.corpus.val, t.batch_size, self.window, seed=VALIDATION_SEED + i,
-                                    depth=self.cfg.data.passkey_depth)
+                                    depth=self.cfg.data.passkey_depth, questions=self.cfg.data.passkey_questions)
             return
         if self.corpus is not None:
             yield from validation_batches(self.corpus.val, t.batch_size, self.window, n_batches)
@@ -116,4 +116,5 @@ def _passkey_data(corpus: Corpus, cfg: Config) -> DataSource:
                         f"fewer than one passkey example (train.seq_len * train.segments = {window}); raise it, or "
                         "set it to 0 to train without validation")
     return DataSource("passkey", PasskeySampler(corpus.train, t.batch_size, window, d.seed,
-                                                  depth=d.passkey_depth), corpus, cfg)
+                                                  depth=d.passkey_depth, questions=d.passkey_questions),
+                      corpus, cfg)
