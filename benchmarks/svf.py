@@ -38,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from neatlm.adapt.domains import benchmark_domains  # noqa: E402
+from neatlm.adapt.files import classifier_file, expert_file, expert_names, read  # noqa: E402
+from neatlm.adapt.two_pass import ExpertClassifier  # noqa: E402
 from neatlm.adapt.session import evaluate_documents, make_classifier, make_expert, open_run, settings_of  # noqa: E402
 from neatlm.adapt.svf import lora_parameters  # noqa: E402
 from neatlm.config import load_config  # noqa: E402
@@ -71,6 +73,8 @@ def main() -> None:
     ap.add_argument("--doc-bytes", type=int, default=2048)
     ap.add_argument("--prefix", type=int, default=512, help="bytes the first pass reads; scored after them")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="adapt.key=value")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --out: keep the experts and classifier already there (same base) instead of retraining")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = settings_of([f"adapt.steps={args.steps}", f"adapt.prefix={args.prefix}", *args.overrides])
@@ -80,22 +84,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="svf_") as temporary:
         work = Path(args.out or temporary)
         run = work / "base"
-        if args.base:
+        if args.reuse and (run / "adapt").is_dir():
+            pass                                       # the base copy and its experts are already there
+        elif args.base:
             shutil.copytree(args.base, run, dirs_exist_ok=True, ignore=shutil.ignore_patterns("adapt"))
         else:
             train_base(args.base_preset, args.base_steps, args.threads, run)
-        shutil.rmtree(run / "adapt", ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(run / "adapt", ignore_errors=True)
         adapted = open_run(run, settings)
-        seconds = {}
+        seconds, windows = {}, {}
         for d in domains:
+            if args.reuse and d.name in expert_names(run):
+                meta = read(expert_file(run, d.name), "svf-expert", adapted.fingerprint)[1]
+                seconds[d.name], windows[d.name] = meta["seconds"], (meta["val_bpb_before"], meta["val_bpb_after"])
+                print(f"expert {d.name}: reused", file=sys.stderr)
+                continue
             result = make_expert(adapted, d, d.name, settings,
                                  log=lambda line, n=d.name: print(f"{n}: {line}", file=sys.stderr))
-            seconds[d.name] = result.seconds
+            seconds[d.name], windows[d.name] = result.seconds, (result.val_bpb_before, result.val_bpb_after)
             print(f"expert {d.name}: held-out windows {result.val_bpb_before:.3f} -> {result.val_bpb_after:.3f} "
                   f"bits per byte, {result.seconds:.0f} s", file=sys.stderr)
         start = time.perf_counter()
-        classifier = make_classifier(adapted, replace(settings, steps=args.classifier_steps))
-        classifier_s = time.perf_counter() - start
+        if args.reuse and classifier_file(run).is_file():
+            classifier, classifier_s = ExpertClassifier.load(adapted), float("nan")
+        else:
+            classifier = make_classifier(adapted, replace(settings, steps=args.classifier_steps))
+            classifier_s = time.perf_counter() - start
         table: dict[str, dict[str, float]] = {}
         eval_s = {m: 0.0 for m in METHODS}
         picks: dict[str, list[str]] = {}
@@ -113,11 +128,11 @@ def main() -> None:
             print(f"{d.name}: " + ", ".join(f"{m} {v:.3f}" for m, v in row.items()), file=sys.stderr)
         svf_params = sum(adapted.basis.sizes().values())
         lora_params = lora_parameters(adapted.basis, 4)
-    print_table(args, adapted.cfg, table, picks, seconds, classifier_s, eval_s, svf_params, lora_params,
+    print_table(args, adapted.cfg, table, picks, seconds, windows, classifier_s, eval_s, svf_params, lora_params,
                 len(adapted.basis.factors), settings)
 
 
-def print_table(args, cfg, table, picks, seconds, classifier_s, eval_s, svf_params, lora_params, matrices,
+def print_table(args, cfg, table, picks, seconds, windows, classifier_s, eval_s, svf_params, lora_params, matrices,
                 settings) -> None:
     m = cfg.model
     print(f"\nSVF experts on a {m.dim}-wide, {m.n_layers}-layer byte model (window {m.window}, memory "
@@ -131,13 +146,16 @@ def print_table(args, cfg, table, picks, seconds, classifier_s, eval_s, svf_para
         right = sum(p == name for p in picks[name]) / max(len(picks[name]), 1)
         print(f"{name:<25}" + "".join(f"{row[x]:>11.3f}" for x in METHODS)
               + f"{share(row['cem']):>10.0%}{share(row['classifier']):>10.0%}{right:>10.0%}")
+    print("\nexperts on held-out 256-byte windows of their domain (fresh state per window), base -> expert: "
+          + ", ".join(f"{n} {a:.3f} -> {b:.3f}" for n, (a, b) in windows.items()))
     print("\n(cem / clf gain: the share of the matching expert's gain over the base that the untold mixture "
           "recovers; clf right: documents whose prefix the classifier assigned to their own domain)")
     print(f"\ntrainable parameters on {matrices} matrices: SVF {svf_params:,}, LoRA rank 4 {lora_params:,} "
           f"({lora_params / svf_params:.1f}x)")
     print("seconds per expert (" + f"{settings.steps} steps of {settings.batch_size} x {settings.seq_len} bytes): "
-          + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items()) + f"; classifier {classifier_s:.0f} s "
-          f"({args.classifier_steps} steps)")
+          + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items())
+          + ("; classifier reused" if classifier_s != classifier_s else
+             f"; classifier {classifier_s:.0f} s ({args.classifier_steps} steps)"))
     print("evaluation seconds, all domains: " + ", ".join(f"{k} {v:.0f}" for k, v in eval_s.items()))
 
 

@@ -98,3 +98,21 @@ def test_generate_refuses_bad_arguments(kw):
     args = dict(max_new=3, temperature=1.0, top_k=0) | kw
     with pytest.raises(ValueError, match=next(iter(kw))):
         generate(tiny(), torch.tensor(list(b"ab")), **args)
+
+
+@pytest.mark.parametrize("window, T, past", [(8, 40, 0), (8, 17, 0), (8, 41, 3), (8, 40, 7), (16, 100, 15)])
+def test_banded_window_attention_equals_the_dense_mask(window, T, past):
+    """Long sequences under a sliding window run in blocks (O(T * window)); values and gradients
+    must be those of the dense masked attention, with and without cached keys."""
+    from neatlm.nn.attention import CausalSelfAttention
+
+    att = CausalSelfAttention(32, 2, window=window)
+    gen = torch.Generator().manual_seed(T + past)
+    q = torch.randn(2, 2, T, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, past + T, 16, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=att._mask(T, past, q.device))
+    banded = att._banded(q, k, v, past)
+    torch.testing.assert_close(banded, dense, rtol=0, atol=1e-12)
+    g = torch.randn(dense.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad((banded * g).sum(), (q, k, v)), torch.autograd.grad((dense * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -34,9 +34,13 @@ class Domain:
         return corpus
 
     def documents(self, count: int, max_bytes: int, min_bytes: int) -> list[bytes]:
-        """The first ``count`` held-out documents of at least ``min_bytes``, each cut to ``max_bytes``."""
-        docs = [d[:max_bytes] for d in held_out_documents(self.data_config()) if len(d) >= min_bytes]
-        return docs[:count]
+        """``count`` held-out documents of at least ``min_bytes``, evenly spaced over the held-out
+        files in path order (the first few would all come from one directory), each cut to
+        ``max_bytes``: the start of a document, which the first pass of adaptation reads."""
+        docs = [d for d in held_out_documents(self.data_config()) if len(d) >= min_bytes]
+        if len(docs) > count:
+            docs = [docs[round(i * (len(docs) - 1) / max(count - 1, 1))] for i in range(count)]
+        return [d[:max_bytes] for d in docs]
 
     def as_meta(self) -> dict[str, object]:
         return {"name": self.name, "path": self.path, "extensions": self.extensions, "val_fraction": self.val_fraction}

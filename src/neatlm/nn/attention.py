@@ -73,12 +73,32 @@ class CausalSelfAttention(nn.Module):
         past = k_all.shape[2] - T
         if past == 0 and (self.window == 0 or self.window >= T):
             y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+        elif self.window > 0 and T > 2 * self.window:
+            y = self._banded(q, k_all, v_all, past)
         else:
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask(T, past, x.device))
         y = self.proj(y.transpose(1, 2).reshape(B, T, D))
         keep = k_all.shape[2] if self.window == 0 else min(self.window - 1, k_all.shape[2])
         new_state = AttentionState(k_all[:, :, k_all.shape[2] - keep:], v_all[:, :, v_all.shape[2] - keep:], start + T)
         return y, new_state
+
+    def _banded(self, q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+        """Sliding-window attention in blocks of ``window`` queries, each against the ``2 * window``
+        keys that can hold its window: O(T * window) work and memory instead of the dense mask's
+        O(T^2), the same result. ``k``/``v`` hold ``past`` (< window) cached keys, then T new ones."""
+        b, T = self.window, q.shape[2]
+        blocks = -(-T // b)
+        left, right = b - past, blocks * b - T            # pad keys so block n reads padded keys [n*b, n*b + 2b)
+        q = F.pad(q, (0, 0, 0, right))
+        k, v = (F.pad(t, (0, 0, left, right)).unfold(2, 2 * b, b).transpose(-1, -2) for t in (k, v))
+        q = q.unflatten(2, (blocks, b))                   # (B, H, blocks, b, d)
+        r = torch.arange(b, device=q.device)[:, None]     # query offset in its block
+        c = torch.arange(2 * b, device=q.device)[None, :] # key offset in the block's keys
+        n = torch.arange(blocks, device=q.device)[:, None, None]
+        # key absolute index n*b + c - left must be >= 0 (not padding) and inside (query - window, query]
+        mask = (c > r) & (c <= r + b) & (n * b + c >= left)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.flatten(2, 3)[:, :, :T]
 
     def _mask(self, T: int, past: int, device: torch.device) -> Tensor:
         """Boolean (T, past+T) mask: query i (absolute past+i) sees key j iff j <= past+i and within the window."""
