@@ -432,13 +432,16 @@ def table(profile: MachineProfile) -> str:
         ("sdpa backends", [", ".join(n for n, ok in d.sdpa.items() if ok) or "none" for d in profile.devices]),
         ("torch.compile", ["not checked" if d.compile is None else "works" if d.compile else "fails"
                            for d in profile.devices]),
-        ("tiny step fp32 / bf16 ms", [" / ".join(_num(d.step_ms.get(p)) if p in d.step_ms else "-"
-                                                 for p in ("fp32", "bf16")) for d in profile.devices]),
-        ("precision auto", [d.precision for d in profile.devices]),
+        ("precision probe fp32 / bf16 ms", [" / ".join(_num(d.step_ms[p]) if p in d.step_ms else "-"
+                                                       for p in ("fp32", "bf16")) for d in profile.devices]),
+        ("precision auto (tiny preset)", [d.precision for d in profile.devices]),
     ]
     width = max(len(label) for label, _ in rows)
     cols = [max(len(r[1][i]) for r in rows) for i in range(len(profile.devices))]
-    lines = [f"torch {profile.torch}, {profile.cores} cores, {profile.threads} torch threads"
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}" + ("" if n == 1 else "s")
+
+    lines = [f"torch {profile.torch}, {count(profile.cores, 'core')}, {count(profile.threads, 'torch thread')}"
              + (f", CPU features {' '.join(profile.cpu_features)}" if profile.cpu_features else "")]
     for label, values in rows:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:<{w}}" for v, w in zip(values, cols)).rstrip())
