@@ -95,6 +95,19 @@ def test_a_one_core_cpu(monkeypatch, one_thread):
     assert torch.equal(torch.random.get_rng_state(), rng)   # the probe leaves the run's RNG alone
 
 
+def test_a_precision_the_backend_cannot_run_is_left_out(monkeypatch, one_thread):
+    real = hardware._time_step
+
+    def no_bf16(net, x, targets, precision):
+        if precision == "bf16":
+            raise RuntimeError("\"addmm\" not implemented for 'BFloat16'")
+        return real(net, x, targets, precision)
+
+    monkeypatch.setattr(hardware, "_time_step", no_bf16)
+    precision, timings = hardware.choose_precision(torch.device("cpu"), "auto", ProbeShape(2, 32, 32, 2, 96, 256))
+    assert precision == "fp32" and list(timings) == ["fp32"]
+
+
 def test_the_probe_runs_the_models_shapes_within_a_cost_cap(corpus_dir, tmp_path):
     cfg = small_config(corpus_dir, tmp_path / "run")
     assert probe_shape(cfg) == ProbeShape(batch=4, seq=32, dim=32, heads=2, hidden=96, vocab=256)

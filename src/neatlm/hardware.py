@@ -139,8 +139,11 @@ class _ProbeNet(nn.Module):
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _time_step(net: _ProbeNet, x: torch.Tensor, targets: torch.Tensor, precision: str) -> float:
@@ -182,7 +185,7 @@ def probe_timings(device: torch.device, shape: ProbeShape, precisions: list[str]
         try:
             _time_step(net, x, targets, p)   # warm-up: kernels chosen, memory allocated
             working.append(p)
-        except RuntimeError:   # dtype not supported by this backend
+        except (RuntimeError, TypeError):   # dtype not supported by this backend
             continue
     best = {p: math.inf for p in working}
     low, high = PROBE_ROUNDS
