@@ -12,6 +12,16 @@ import neatlm.config
 from neatlm.config import Config, validate
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where torch sees a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_free_memory(monkeypatch):
     """validate() compares a memory config's estimated size with the host's free memory: tests see

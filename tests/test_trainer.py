@@ -205,7 +205,7 @@ def test_after_a_resume_the_records_have_the_keys_of_an_uninterrupted_run(corpus
 def test_resume_reuses_the_precision_the_run_measured(corpus_dir, tmp_path, monkeypatch):
     """precision = "auto" measures; a resume must compute as the run did, whatever it measures now."""
     timings = {"fp32": 1.0, "bf16": 5.0}  # as on most CPUs: fp32 is faster
-    monkeypatch.setattr(hardware, "_time_matmul", lambda device, precision, size, reps: timings[precision])
+    monkeypatch.setattr(hardware, "probe_timings", lambda device, shape, precisions: {p: timings[p] for p in precisions})
 
     def cfg(run):
         c = small_config(corpus_dir, tmp_path / run, steps=6, save_every=3)

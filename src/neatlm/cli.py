@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import NeatError
@@ -210,8 +211,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, _ = _load_run(args.run)
     prompt = torch.tensor(list(args.prompt.encode("utf-8")) or [10], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
     out = generate(model, prompt, args.max_bytes, args.temperature, args.top_k, gen)
+    seconds = time.perf_counter() - start
     sys.stdout.write(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace") + "\n")
+    per_byte = f", {seconds * 1e3 / len(out):.1f} ms per byte" if len(out) else ""
+    print(f"neat: {len(out)} bytes in {seconds:.2f} s{per_byte} (the {prompt.numel()}-byte prompt read once, "
+          "then one byte per step)", file=sys.stderr)
     return 0
 
 
@@ -400,6 +406,25 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_hw(args: argparse.Namespace) -> int:
+    """The profile of this machine, from the per-user cache or measured (and cached)."""
+    from .hw_profile import load_profile, table
+
+    start = time.perf_counter()
+    loaded = load_profile(refresh=args.refresh, compile_check=args.compile_check)
+    seconds = time.perf_counter() - start
+    if loaded.cached:
+        note = f"from the cache {loaded.path} (measured {loaded.profile.measured_at}; --refresh measures again)"
+    else:
+        note = f"measured in {seconds:.1f} s" + (f", cached in {loaded.path}" if loaded.saved else "")
+    print(f"neat: hardware profile {loaded.profile.fingerprint}, {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(loaded.profile.to_dict(), indent=1))
+    else:
+        print(table(loaded.profile))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .train.sweep import plan, results_table, run_sweep
 
@@ -528,6 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest relative error accepted (> 0)")
     p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("hw", help="the profile of this machine: devices, memory, measured matmul and copy "
+                                  "speed, attention backends, the precision train.precision = auto picks")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of reading the cached profile")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    p.add_argument("--compile-check", action="store_true",
+                   help="also check that torch.compile works (tens of seconds on a CPU)")
+    p.set_defaults(func=cmd_hw)
 
     p = sub.add_parser("sweep", help="train over a grid of config values and tabulate the results")
     _add_config_args(p)

@@ -334,6 +334,13 @@ class NeuralMemory(nn.Module):
             else:
                 self.register_buffer(f"w0_{j}", w)
 
+    @property
+    def learns_by_autograd(self) -> bool:
+        """The inner step's gradients come from autograd (``mode = "naive"``, the reference) rather
+        than the analytic formulas: the layer then needs autograd even where nothing else does,
+        which ``torch.inference_mode`` forbids (``no_grad`` allows it)."""
+        return self.naive
+
     # ------------------------------------------------------------------ state
 
     def initial_weights(self) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ call or read from it afterwards.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, ContextManager, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..config import Config
 from .attention import CausalSelfAttention
 from .bk import BKMixer
-from .memory import TTLControl
+from .memory import NeuralMemory, TTLControl
 from .memory_mixer import MemoryMixerState, build_memory_mixer
 from .moe import MoE
 
@@ -193,10 +193,22 @@ class NeatLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-@torch.no_grad()
+def decoding_mode(model: nn.Module) -> ContextManager:
+    """``torch.inference_mode()`` for sampling: no graph and no version counters, measured about 15%
+    faster per byte than ``no_grad`` on one CPU thread (tiny preset 1.40 against 1.69 ms, with MAG
+    memory 2.59 against 3.06 ms; the same bytes). The memories keep learning under it, their inner
+    step being analytic; a memory whose inner gradients come from autograd (the naive reference
+    mode) needs grad mode inside the call, which inference mode forbids, so such a model decodes
+    under ``no_grad``."""
+    if any(isinstance(m, NeuralMemory) and m.learns_by_autograd for m in model.modules()):
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
 def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1.0, top_k: int = 0,
              generator: torch.Generator | None = None) -> Tensor:
-    """Sample ``max_new`` bytes after ``prompt`` (1-D) carrying the model state (KV cache, memory).
+    """Sample ``max_new`` bytes after ``prompt`` (1-D) carrying the model state (KV cache, memory):
+    the prompt is read once, then each call reads only the byte sampled last.
 
     temperature 0 means greedy decoding; top_k 0 means no filtering.
     """
@@ -208,6 +220,16 @@ def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1
         raise ValueError(f"top_k = {top_k!r}: must be >= 0 (0 = no filtering)")
     was_training = model.training
     model.eval()
+    try:
+        with decoding_mode(model):
+            out = _sample(model, prompt, max_new, temperature, top_k, generator)
+    finally:
+        model.train(was_training)
+    return out.clone()   # an ordinary tensor: an inference tensor refuses in-place ops outside the mode
+
+
+def _sample(model: NeatLM, prompt: Tensor, max_new: int, temperature: float, top_k: int,
+            generator: torch.Generator | None) -> Tensor:
     logits, state, _, _ = model(prompt[None])
     out = []
     for _ in range(max_new):
@@ -221,6 +243,6 @@ def generate(model: NeatLM, prompt: Tensor, max_new: int, temperature: float = 1
                 last = last.masked_fill(last < kth, float("-inf"))
             nxt = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)[0]
         out.append(nxt)
-        logits, state, _, _ = model(nxt.view(1, 1), state)
-    model.train(was_training)
+        if len(out) < max_new:   # the last byte's logits would never be read
+            logits, state, _, _ = model(nxt.view(1, 1), state)
     return torch.stack(out) if out else prompt.new_empty(0)

@@ -40,10 +40,10 @@ from ..errors import CheckpointError, NeatError, TrainingDiverged
 from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, component_units
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
-from ..hardware import detect
+from ..hardware import ProbeShape, detect
 from ..nn.loss import IGNORE_INDEX, lm_loss, scored_count
 from ..nn.memory import TTLControl
-from ..nn.model import NeatLM
+from ..nn.model import NeatLM, swiglu_hidden
 from . import checkpoint as ckpt
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
@@ -137,6 +137,13 @@ def refuse_existing_run(run_dir: Path) -> None:
                                 f"another --run-dir, or delete {run_dir} to start over")
 
 
+def probe_shape(cfg: Config) -> ProbeShape:
+    """The shapes of one micro-batch step of this model, which ``train.precision = "auto"`` times."""
+    m, t = cfg.model, cfg.train
+    return ProbeShape(batch=t.batch_size, seq=t.seq_len, dim=m.dim, heads=m.n_heads,
+                      hidden=swiglu_hidden(m.dim, m.mlp_hidden), vocab=m.vocab_size)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: ckpt.Checkpoint | None = None):
         self.cfg = cfg
@@ -149,7 +156,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         # a resumed run keeps the device type and precision it resolved (and measured) before
         recorded = _resume_from.hardware if _resume_from is not None else None
-        self.hw = detect(t.device, t.precision, probe_size=cfg.model.dim * 2, recorded=recorded)
+        self.hw = detect(t.device, t.precision, recorded=recorded, probe=probe_shape(cfg))
         self.dist = init_distributed(self.hw.device.type)
         if self.dist.enabled and self.hw.device.type == "cuda":
             self.hw.device = torch.device("cuda", self.dist.local_rank)

@@ -32,11 +32,14 @@ def token_grad_reference(weights: Weights, k_t: torch.Tensor, v_t: torch.Tensor,
                          max_grad_norm: float) -> list[torch.Tensor]:
     """grad_W ||M_W(k_t) - v_t||^2 by autograd (independent of the analytic formulas), clipped to
     Frobenius norm <= max_grad_norm (0 = no clipping). Built with create_graph so that outer
-    gradients flow through it."""
+    gradients flow through it; under no_grad (evaluation, generation) there is no outer graph, and
+    the gradient is taken at detached copies: a view made under no_grad of a tensor that requires
+    grad (W0 expanded to the batch) says ``requires_grad`` but is no node of any graph."""
+    outer = torch.is_grad_enabled()
     with torch.enable_grad():
-        ws = [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]
+        ws = [w if w.requires_grad and outer else w.detach().requires_grad_(True) for w in weights]
         loss = ((memory_forward_reference(ws, k_t, norm) - v_t) ** 2).sum()
-        grads = list(torch.autograd.grad(loss, ws, create_graph=True))
+        grads = list(torch.autograd.grad(loss, ws, create_graph=outer))
     if max_grad_norm > 0:
         gnorm = torch.sqrt(sum((g ** 2).sum((-2, -1)) for g in grads))
         scale = torch.where(gnorm > max_grad_norm, max_grad_norm / gnorm, torch.ones_like(gnorm))
