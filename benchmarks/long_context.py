@@ -45,6 +45,9 @@ VARIANTS = {
                              "train.batch_size=16"]),
     "long": ("long", []),
     "long-2k": ("long", ["train.segments=8", "train.batch_size=2"]),
+    # the same 1,024-byte windows as `long`, as one segment: the loss of a byte reaches the memory's
+    # writes anywhere earlier in the window, which detached segments cut
+    "long-1seg": ("long", ["train.segments=1", "train.seq_len=1024", "model.context=1024"]),
     "long-attention-stream": ("long-attention", ["data.sampling=stream", "memory.reset=never", "train.segments=1",
                                                  "train.batch_size=16"]),
     "long-attention": ("long-attention", []),
