@@ -103,3 +103,20 @@ def test_validation_windows_are_as_long_as_training_windows(tmp_path: Path, task
     x_train, _ = data.sampler.next()
     x_val, y_val = next(iter(data.validation(1)))
     assert x_train.shape[1] == x_val.shape[1] == y_val.shape[1] == 192
+
+
+def test_training_document_starts_come_from_training_files_only(tmp_path: Path):
+    from neatlm.config import DataConfig
+    from neatlm.data.corpus import held_out_documents, training_document_starts
+
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(20):
+        (root / f"f{i:02d}.txt").write_bytes(bytes([65 + i]) * (50 if i % 4 == 0 else 200))
+    cfg = DataConfig(path=str(root), extensions=".txt", val_fraction=0.3)
+    starts = training_document_starts(cfg, 100)
+    held_out = {d[:1] for d in held_out_documents(cfg)}
+    assert starts and all(len(s) == 100 for s in starts)          # files shorter than 100 bytes are left out
+    assert not {s[:1] for s in starts} & held_out                 # never a held-out file
+    assert len(starts) == sum(1 for i in range(20) if i % 4 != 0) - sum(
+        1 for d in held_out_documents(cfg) if len(d) >= 100)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
-from ..data.corpus import Corpus, held_out_documents, load_corpus
+from ..data.corpus import Corpus, held_out_documents, load_corpus, training_document_starts
 from ..errors import DataError
 
 
@@ -41,6 +41,10 @@ class Domain:
         if len(docs) > count:
             docs = [docs[round(i * (len(docs) - 1) / max(count - 1, 1))] for i in range(count)]
         return [d[:max_bytes] for d in docs]
+
+    def training_starts(self, length: int) -> list[bytes]:
+        """The first ``length`` bytes of each training document that long (never a held-out one)."""
+        return training_document_starts(self.data_config(), length)
 
     def as_meta(self) -> dict[str, object]:
         return {"name": self.name, "path": self.path, "extensions": self.extensions, "val_fraction": self.val_fraction}

@@ -29,7 +29,7 @@ from .domains import Domain
 from .experts import ExpertResult, bits_per_byte, train_expert
 from .svf import mix
 from .test_time import learn_document
-from .two_pass import ExpertClassifier, cem_mixture, train_classifier
+from .two_pass import DomainExamples, ExpertClassifier, cem_mixture, train_classifier
 
 METHODS = ("base", "expert", "cem", "classifier", "ttl")
 
@@ -85,7 +85,8 @@ def expert_domains(adapted: AdaptedModel) -> tuple[list[str], list[dict[str, Ten
 def make_classifier(adapted: AdaptedModel, settings: AdaptConfig, seed: int = 0) -> ExpertClassifier:
     """Train the classifier expert over the run's experts' domains and save it."""
     names, _, domains = expert_domains(adapted)
-    classifier = train_classifier(adapted, names, [d.corpus() for d in domains], settings, seed=seed)
+    examples = [DomainExamples(d.corpus(), d.training_starts(settings.prefix)) for d in domains]
+    classifier = train_classifier(adapted, names, examples, settings, seed=seed)
     classifier.save(adapted)
     return classifier
 

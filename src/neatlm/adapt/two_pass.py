@@ -153,24 +153,40 @@ class ExpertClassifier:
         return ExpertClassifier(list(names), z, tensors["head.weight"], tensors["head.bias"])
 
 
-def prefix_batch(corpora: list[Corpus], per_class: int, length: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """``per_class`` random windows of ``length`` bytes from each corpus's training bytes, and
-    their class labels."""
+@dataclass
+class DomainExamples:
+    """Where a domain's classifier examples come from: its training bytes, and the starts of its
+    training documents (empty for a single-file domain)."""
+
+    corpus: Corpus
+    starts: list[bytes]
+
+
+def prefix_batch(domains: list[DomainExamples], per_class: int, length: int,
+                 rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """``per_class`` examples of ``length`` bytes per domain, and their class labels: alternately the
+    start of a random training document (what the first pass reads at evaluation) and a random
+    window of the training bytes (a prompt from the middle of a text)."""
     rows, labels = [], []
-    for label, corpus in enumerate(corpora):
-        starts = rng.integers(0, corpus.train.size - length, size=per_class)
-        rows += [corpus.train[s:s + length] for s in starts]
-        labels += [label] * per_class
+    for label, d in enumerate(domains):
+        for i in range(per_class):
+            if d.starts and i % 2 == 0:
+                rows.append(np.frombuffer(d.starts[int(rng.integers(len(d.starts)))], dtype=np.uint8))
+            else:
+                s = int(rng.integers(0, d.corpus.train.size - length))
+                rows.append(d.corpus.train[s:s + length])
+            labels.append(label)
     return torch.from_numpy(np.stack(rows).astype(np.int64)), torch.tensor(labels)
 
 
-def train_classifier(adapted: AdaptedModel, names: list[str], corpora: list[Corpus], settings: AdaptConfig,
+def train_classifier(adapted: AdaptedModel, names: list[str], domains: list[DomainExamples], settings: AdaptConfig,
                      seed: int = 0) -> ExpertClassifier:
     """Train the classifier expert on prefixes of ``settings.prefix`` bytes from each domain."""
     if len(names) < 2:
         raise NeatError(f"the classifier chooses among experts: this run has {len(names)} ({', '.join(names) or 'none'}); "
                         "train at least two with `neat adapt --name ...`")
-    for name, corpus in zip(names, corpora):
+    for name, d in zip(names, domains):
+        corpus = d.corpus
         if corpus.train.size <= settings.prefix:
             raise NeatError(f"expert {name!r}: its domain has {corpus.train.size} training bytes, fewer than "
                             f"adapt.prefix = {settings.prefix}")
@@ -186,7 +202,7 @@ def train_classifier(adapted: AdaptedModel, names: list[str], corpora: list[Corp
     device = next(adapted.model.parameters()).device
     net.train()
     for _ in range(settings.steps):
-        x, labels = prefix_batch(corpora, per_class, settings.prefix, rng)
+        x, labels = prefix_batch(domains, per_class, settings.prefix, rng)
         loss = F.cross_entropy(net(x.to(device)), labels.to(device))
         coord.backward(loss)
         coord.step()

@@ -127,6 +127,21 @@ def held_out_documents(cfg: DataConfig) -> list[bytes]:
     return [_read(p) for p in _split_files(root, source, cfg)[1]]
 
 
+def training_document_starts(cfg: DataConfig, length: int) -> list[bytes]:
+    """The first ``length`` bytes of every training file of a directory corpus that has that many
+    (a document's start, where a prompt or a header sits); empty for a single-file corpus."""
+    root, source = _root(cfg)
+    if root.is_file():
+        return []
+    starts = []
+    for path in _split_files(root, source, cfg)[0]:
+        with open(path, "rb") as f:
+            head = f.read(length)
+        if len(head) == length:
+            starts.append(head)
+    return starts
+
+
 class PositionedSampler:
     """A sampler whose batch ``i`` is a function of ``(seed, i)``: its whole state is the position
     of the next batch (everything else comes from the config)."""
