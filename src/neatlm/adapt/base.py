@@ -44,10 +44,10 @@ class AdaptedModel:
             raise NeatError(f"no expert {name!r} beside {self.run_dir} (experts: {', '.join(known) or 'none yet'}; "
                             "train one with `neat adapt`)")
         z, _ = files.read(path, "svf-expert", self.fingerprint)
-        self._check_matrices(path, z)
+        self.check_matrices(path, z)
         return z
 
-    def _check_matrices(self, path: Path, z: dict[str, Tensor]) -> None:
+    def check_matrices(self, path: Path, z: dict[str, Tensor]) -> None:
         sizes = self.basis.sizes()
         for name, size in sizes.items():
             if name not in z or z[name].shape != (size,):

@@ -101,7 +101,7 @@ def document_nats(adapted: AdaptedModel, doc: bytes, z: dict[str, Tensor], start
     return nats, count
 
 
-def bits_per_byte(adapted: AdaptedModel, docs: Sequence[bytes], choose_z: Callable[[bytes], dict[str, Tensor]],
+def documents_bits_per_byte(adapted: AdaptedModel, docs: Sequence[bytes], choose_z: Callable[[bytes], dict[str, Tensor]],
                   prefix: int) -> float:
     """Bits per byte over ``docs`` past their first ``prefix`` bytes, each document read with the
     z vectors ``choose_z`` picks from its prefix (the two passes of Transformer²)."""

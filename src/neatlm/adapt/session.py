@@ -26,7 +26,7 @@ from ..errors import NeatError
 from . import files
 from .base import AdaptedModel, open_base, split_patterns
 from .domains import Domain
-from .experts import ExpertResult, bits_per_byte, train_expert
+from .experts import ExpertResult, documents_bits_per_byte, train_expert
 from .svf import mix
 from .test_time import learn_document
 from .two_pass import DomainExamples, ExpertClassifier, cem_mixture, train_classifier
@@ -76,7 +76,7 @@ def expert_domains(adapted: AdaptedModel) -> tuple[list[str], list[dict[str, Ten
     for name in names:
         path = files.expert_file(adapted.run_dir, name)
         z, meta = files.read(path, "svf-expert", adapted.fingerprint)
-        adapted._check_matrices(path, z)
+        adapted.check_matrices(path, z)
         experts.append(z)
         domains.append(Domain.from_meta(meta.get("domain"), path))
     return names, experts, domains
@@ -117,7 +117,7 @@ def evaluate_documents(adapted: AdaptedModel, docs: list[bytes], method: str, se
     """Bits per byte of ``docs`` past their prefixes under ``method`` (see the module docstring)."""
     choose = chooser(adapted, method, settings, expert, seed)
     if method != "ttl":
-        return bits_per_byte(adapted, docs, choose, settings.prefix)
+        return documents_bits_per_byte(adapted, docs, choose, settings.prefix)
     nats, count = 0.0, 0
     for doc in docs:
         losses = learn_document(adapted, doc, choose(doc[:settings.prefix]), settings).nats

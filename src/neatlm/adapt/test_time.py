@@ -52,7 +52,7 @@ def learn_document(adapted: AdaptedModel, doc: bytes, z0: dict[str, Tensor], set
                  ComponentSpec(name="base", patterns=("*",), exclude=(Z_PATTERN,))]
         coord = GradientCoordinator(model, specs, total_steps=chunks, guard=adapted.cfg.guard)
         was_training = model.training
-        model.eval()                 # no dropout-like behaviour exists, but eval is what this is
+        model.eval()
         ids = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long().to(device)
         state, losses = None, []
         for at in range(0, ids.numel() - 1, settings.ttl_chunk):

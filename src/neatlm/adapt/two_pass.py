@@ -144,7 +144,7 @@ class ExpertClassifier:
                             f"{adapted.run_dir} --classifier`")
         tensors, meta = files.read(path, "svf-classifier", adapted.fingerprint)
         z = {k[2:]: v for k, v in tensors.items() if k.startswith("z.")}
-        adapted._check_matrices(path, z)
+        adapted.check_matrices(path, z)
         names = meta.get("experts")
         missing = [n for n in names if n not in files.expert_names(adapted.run_dir)]
         if missing:
