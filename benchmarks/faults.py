@@ -635,9 +635,11 @@ def _drop(path: Sequence[str]) -> Callable[[dict], None]:
 
 def state_key_damages(ws: Workspace) -> list[Damage]:
     """Every key of state.json (top level, each state and each key of a state, each manifest
-    entry) removed in turn. Optional by design: hardware, progress.elapsed_s, rng.cuda."""
+    entry) removed in turn. Optional by design: hardware, progress.elapsed_s, progress.micro_batch
+    (no out-of-memory fallback, as in checkpoints written before it), rng.cuda."""
     doc = json.loads((latest(ws.run) / "state.json").read_text())
-    optional = {("hardware",), ("states", "progress", "elapsed_s"), ("states", "rng", "cuda")}
+    optional = {("hardware",), ("states", "progress", "elapsed_s"), ("states", "progress", "micro_batch"),
+                ("states", "rng", "cuda")}
     paths = [(k,) for k in doc]
     paths += [("states", s) for s in doc["states"]]
     paths += [("states", s, k) for s, body in doc["states"].items() for k in body]

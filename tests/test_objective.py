@@ -25,3 +25,23 @@ def test_a_single_backward_is_the_plain_mean():
     assert obj.term(loss_sum, 3).item() == 2.0
     with pytest.raises(ValueError, match="must be >= 1"):
         StepObjective(0, 1)
+
+
+def test_a_window_split_into_pieces_weighs_its_tokens_as_the_whole_window():
+    """After an out-of-memory fallback a window runs as pieces: the language-model part of the
+    objective is unchanged even when the pieces have different numbers of scored tokens; the
+    auxiliary losses are averaged over all backward passes."""
+    whole, split = StepObjective(2, 3), StepObjective(2, 3, splits=2)
+    assert split.backwards == 12
+    gen = torch.Generator().manual_seed(1)
+    pieces = torch.rand(2, 2, 3, generator=gen, dtype=torch.float64)   # window, piece, segment
+    scored = [30, 12]
+    want = sum(whole.term(pieces[m, :, s].sum(), scored[m]) for m in range(2) for s in range(3))
+    got = sum(split.term(pieces[m, p, s], scored[m]) for m in range(2) for p in range(2) for s in range(3))
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    aux = torch.rand(2, 2, 3, generator=gen, dtype=torch.float64)
+    got_aux = sum(split.term(torch.zeros((), dtype=torch.float64), 1, aux[m, p, s])
+                  for m in range(2) for p in range(2) for s in range(3))
+    assert got_aux.item() == pytest.approx(aux.mean().item(), rel=1e-12)
+    with pytest.raises(ValueError, match="splits = 0 must be >= 1"):
+        StepObjective(1, 1, splits=0)

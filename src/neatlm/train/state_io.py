@@ -36,6 +36,48 @@ def map_tensors(obj: Any, fn) -> Any:
     return obj
 
 
+def split_rows(obj: Any, pieces: list[slice], rows: int) -> list[Any]:
+    """The state of each piece of a batch's rows (``pieces`` slice the batch dimension).
+
+    Every tensor of a model state has the batch first (the mixer protocol); a tensor whose first
+    dimension is not ``rows`` would be cut wrongly, so it is refused instead. What is not a tensor
+    (positions, the statistics dict of the call that made the state) is the same for every row
+    and is shared, as in :func:`map_tensors`.
+    """
+    for t in _tensors(obj):
+        if t.dim() == 0 or t.shape[0] != rows:
+            raise ValueError(f"cannot split a state tensor of shape {tuple(t.shape)} into rows of a batch of {rows}")
+    return [map_tensors(obj, lambda t, p=p: t[p]) for p in pieces]
+
+
+def cat_rows(parts: list[Any]) -> Any:
+    """The inverse of :func:`split_rows`: the pieces' states joined along the batch dimension
+    (values that are not tensors are taken from the first piece)."""
+    return _merge(parts, lambda ts: torch.cat(ts, dim=0))
+
+
+def _merge(objs: list[Any], fn) -> Any:
+    """Apply ``fn`` to the list of corresponding tensors of nests of one structure."""
+    first = objs[0]
+    if isinstance(first, Tensor):
+        return fn(objs)
+    if _is_namedtuple(first):
+        return type(first)(*(_merge(list(vs), fn) for vs in zip(*objs)))
+    if isinstance(first, (list, tuple)):
+        return type(first)(_merge(list(vs), fn) for vs in zip(*objs))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: _merge([getattr(o, f.name) for o in objs], fn)
+                                             for f in dataclasses.fields(first) if f.init})
+    return first
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    """Every tensor that :func:`map_tensors` reaches in a nest."""
+    found: list[Tensor] = []
+    map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
 def _is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
 

@@ -14,6 +14,10 @@ checkpoint is written, and :class:`TrainingInterrupted` says how to resume. A se
 gets the previous behaviour at once (Ctrl-C: KeyboardInterrupt; SIGTERM: exit); checkpoints
 are written atomically, so that cannot corrupt one.
 
+A step that runs out of memory (``torch.OutOfMemoryError``, or ``MemoryError`` on the host) in its
+forward or backward passes is run again with half the micro-batch and twice the accumulation: the
+same windows, the same rows, the same global batch, split into pieces (see :meth:`Trainer.train_step`).
+
 Two levels of optimisation: the inner loop (memory fast weights) runs inside the model's forward;
 the outer loop is backprop through the :class:`~neatlm.grad.coordinator.GradientCoordinator`,
 which owns every component's optimizer, schedule, clipping and NaN guard.
@@ -21,6 +25,7 @@ which owns every component's optimizer, schedule, clipping and NaN guard.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -49,7 +54,9 @@ from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
 from .objective import StepObjective
-from .state_io import CarriedState, RNGState, detach_state, flatten_state
+from .state_io import CarriedState, RNGState, cat_rows, detach_state, flatten_state, split_rows
+
+log = logging.getLogger("neatlm.train")
 
 
 class TrainingInterrupted(NeatError):
@@ -68,22 +75,29 @@ class RunDirectoryInUse(NeatError):
 
 @dataclass
 class TrainProgress:
-    """The trainer's own counters: completed steps, best validation loss, training time so far."""
+    """The trainer's own counters: completed steps, best validation loss, training time so far, and
+    the micro-batch an out-of-memory fallback chose: at most this many of a process's rows of a
+    drawn batch per forward (0 = no fallback: all of them). It is progress, not config, so that a
+    resumed run does not run out of memory again at its first step."""
 
     step: int = 0
     best_val: float = math.inf
     elapsed_s: float = 0.0
+    micro_batch: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "best_val": self.best_val, "elapsed_s": self.elapsed_s}
+        return {"step": self.step, "best_val": self.best_val, "elapsed_s": self.elapsed_s,
+                "micro_batch": self.micro_batch}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         step, best, elapsed = sd["step"], sd["best_val"], sd.get("elapsed_s", 0.0)
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step {step!r} is not a step count")
+        micro = sd.get("micro_batch", 0)   # checkpoints written before the fallback existed have none
+        for name, value in (("step", step), ("micro_batch", micro)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} {value!r} is not a count")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (best, elapsed)):
             raise ValueError("best_val and elapsed_s must be numbers")
-        self.step, self.best_val, self.elapsed_s = step, float(best), float(elapsed)
+        self.step, self.best_val, self.elapsed_s, self.micro_batch = step, float(best), float(elapsed), micro
 
 
 class _StopRequests:
@@ -165,6 +179,7 @@ class Trainer:
             tdist.broadcast_object_list(choice, src=0)
             self.hw.precision = choice[0]
         self.rows = self.dist.rows(t.batch_size)
+        self.row_count = self.rows.stop - self.rows.start   # this process's rows of a drawn batch
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
         self.model = NeatLM(cfg).to(self.hw.device)
@@ -176,16 +191,16 @@ class Trainer:
             self.checkpointing = self._apply_checkpointing(specs)
         except ValueError as exc:  # e.g. orphan parameters when units = "components"
             raise ConfigError(str(exc)) from None
-        # one backward per segment of every micro-batch, weighted by the step objective (the
-        # coordinator adds gradients as given); under torchrun the coordinator averages the
-        # gradients over processes once per step, in step()
-        self.objective = StepObjective(t.accum_steps, t.segments)
         self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, guard=cfg.guard,
                                          monitor_every=t.log_every)
         self.progress = TrainProgress()
         self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
-            self._restore(_resume_from)
+            self._restore(_resume_from)   # the progress may hold a fallback's micro-batch
+        # one backward per segment of every piece of every micro-batch, weighted by the step
+        # objective (the coordinator adds gradients as given); under torchrun the coordinator
+        # averages the gradients over processes once per step, in step()
+        self.objective = self._step_objective()
 
     def _init_weights_from(self, path: str) -> None:
         """Start from another run's model weights (fine-tuning), verified and shape-checked."""
@@ -212,6 +227,21 @@ class Trainer:
     @property
     def carry(self) -> Any:
         return self.carried.value
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of this process's share of a drawn batch that one forward and backward take:
+        all of them, unless an out-of-memory fallback lowered it."""
+        cap = self.progress.micro_batch
+        return min(cap, self.row_count) if cap else self.row_count
+
+    def _pieces(self) -> list[slice]:
+        """The rows of each forward of one drawn micro-batch (one piece, unless after a fallback)."""
+        n, m = self.row_count, self.micro_batch
+        return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+    def _step_objective(self) -> StepObjective:
+        return StepObjective(self.cfg.train.accum_steps, self.cfg.train.segments, splits=len(self._pieces()))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -282,17 +312,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _backward_window(self, x: torch.Tensor, y: torch.Tensor,
-                         ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """Forward and backward one micro-batch window as consecutive segments.
+    def _backward_window(self, x: torch.Tensor, y: torch.Tensor, ttl: TTLControl, state: Any,
+                         scored: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """Forward and backward the rows ``x``, ``y`` of one micro-batch window (all of them, or
+        one piece after an out-of-memory fallback) as consecutive segments.
 
+        ``state``: the model state the rows start from (None: new sequences); ``scored``: the
+        scored tokens of the whole window, which its loss is divided by (:class:`StepObjective`).
         Memory state is carried between segments and detached (truncated backprop), so the graph
-        never spans more than one segment. Returns (summed loss, scored tokens, the model's
-        statistics from the last segment).
+        never spans more than one segment. Returns (summed loss, the state at the end, the
+        model's statistics from the last segment).
         """
         segments, reset = self.objective.segments, self.cfg.memory.reset
-        scored = scored_count(y)
-        state = self.carried.value if reset == "never" else None
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
         for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
@@ -307,8 +338,34 @@ class Trainer:
             state = detach_state(out.state)
             stats = out.stats or stats
             total += loss_sum.detach()
-        if reset == "never":
-            self.carried.value = state
+        return total, state, stats
+
+    def _run_window(self, x: torch.Tensor, y: torch.Tensor,
+                    ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """Forward and backward this process's rows of one drawn micro-batch (on the host), in
+        pieces of at most :attr:`micro_batch` rows. With ``memory.reset = "never"`` each row
+        continues its own carried state: the state is cut into the pieces' rows and joined again,
+        so the pieces compute what the whole micro-batch would. Returns (summed loss, scored
+        tokens, the model's statistics from the last segment)."""
+        dev, never = self.hw.device, self.cfg.memory.reset == "never"
+        scored, pieces = scored_count(y), self._pieces()
+        carried = self.carried.value if never else None
+        if carried is not None and len(pieces) > 1:
+            starts = split_rows(carried, pieces, self.row_count)
+        else:
+            starts = [carried] * len(pieces)
+        total: torch.Tensor | None = None
+        ends: list[Any] = []
+        stats: dict[str, torch.Tensor] = {}
+        for rows, start in zip(pieces, starts):
+            xs, ys = x[rows].to(dev, non_blocking=True), y[rows].to(dev, non_blocking=True)
+            loss_sum, end, piece_stats = self._backward_window(xs, ys, ttl, start, scored)
+            total = loss_sum if total is None else total + loss_sum
+            ends.append(end)
+            stats = piece_stats or stats
+        if never:
+            self.carried.value = ends[0] if len(ends) == 1 else cat_rows(ends)
+        assert total is not None   # there is at least one piece
         return total, scored, stats
 
     def is_log_step(self) -> bool:
@@ -321,22 +378,30 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches.
 
         Returns (mean loss, coordinator stats: per-component norms, learning rates, skips and,
-        on logged steps, update ratios and gradient cosines). ``log`` overrides the schedule.
+        on logged steps, update ratios and gradient cosines; ``train/micro_batch``). ``log``
+        overrides the schedule.
+
+        Out of memory in a forward or backward pass, the step is run again from its start (its
+        gradients dropped, the carried model state and the RNG put back) on the windows it drew,
+        each cut into pieces of half the micro-batch (:meth:`_fall_back`): the same rows, the
+        same global batch, so the same loss and, up to float summation order, the same gradients.
+        Only the forward and backward passes are retried: the optimizer's memory does not shrink
+        with the micro-batch. Under torchrun the processes agree (:meth:`_out_of_memory_anywhere`):
+        all of them fall back together, or all stop with the same error.
         """
-        t, dev = self.cfg.train, self.hw.device
         log = self.is_log_step() if log is None else log
-        total, scored = torch.zeros((), device=dev), 0
         # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
         ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
-        model_stats: dict[str, torch.Tensor] = {}
-        carried_before = self.carried.value
-        for _ in range(t.accum_steps):
-            x, y = self.sampler.next()
-            x, y = x[self.rows].to(dev, non_blocking=True), y[self.rows].to(dev, non_blocking=True)
-            loss_sum, n, window_stats = self._backward_window(x, y, ttl)
-            total += loss_sum
-            scored += n
-            model_stats = window_stats or model_stats
+        # the step's data is drawn first (on the host), so that a retry reruns the same windows
+        windows = [self.sampler.next() for _ in range(self.cfg.train.accum_steps)]
+        carried_before, rng_before = self.carried.value, RNGState().state_dict()
+        while True:
+            done = self._accumulate(windows, ttl)
+            if not self._out_of_memory_anywhere(done is None):
+                break
+            self._fall_back(carried_before, rng_before)
+        assert done is not None
+        total, scored, model_stats = done
         stats = self.coord.step(log=log)
         self.coord.zero_grad()
         if _guard_rejected(stats):
@@ -344,8 +409,62 @@ class Trainer:
             # the next step continues from the state before it, as the weights do
             self.carried.value = carried_before
         stats.update({k: v.item() for k, v in model_stats.items()})  # from the last segment's forward
+        stats["train/micro_batch"] = float(self.micro_batch)
         self.step += 1
         return all_reduce_mean(self.objective.mean_loss(total, scored), self.dist), stats
+
+    def _accumulate(self, windows: list[tuple[torch.Tensor, torch.Tensor]],
+                    ttl: TTLControl) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]] | None:
+        """Forward and backward every window of the step: (summed loss, scored tokens, the
+        model's statistics), or None if this process ran out of memory (what it accumulated is
+        left for :meth:`_fall_back` to drop)."""
+        total, scored = torch.zeros((), device=self.hw.device), 0
+        model_stats: dict[str, torch.Tensor] = {}
+        try:
+            for x, y in windows:
+                loss_sum, n, window_stats = self._run_window(x[self.rows], y[self.rows], ttl)
+                total += loss_sum
+                scored += n
+                model_stats = window_stats or model_stats
+        except (torch.OutOfMemoryError, MemoryError):
+            # returning from the handler drops the traceback, and with it the failed graph's
+            # tensors, before anything is run again
+            return None
+        return total, scored, model_stats
+
+    def _out_of_memory_anywhere(self, here: bool) -> bool:
+        """Whether this process, or under torchrun any process, ran out of memory in this step.
+
+        The forward and backward passes hold no collective, so a process could retry alone; but
+        then the processes would run different micro-batches (rank 0's alone is logged and saved),
+        and one that cannot go below a row would stop while the others wait in the gradient
+        all-reduce. Agreeing costs one scalar all-reduce a step, only under torchrun."""
+        if not self.dist.enabled:
+            return here
+        flag = torch.tensor(float(here), device=self.hw.device)
+        return bool(all_reduce_mean(flag, self.dist) > 0)
+
+    def _fall_back(self, carried_before: Any, rng_before: dict[str, Any]) -> None:
+        """After running out of memory: drop the step's gradients, put back the carried model state
+        and the RNG of the step's start, and halve the micro-batch for the rest of the run (kept
+        in the progress, so a resume keeps it too). A micro-batch of one row cannot be halved:
+        then the model does not fit, which is the user's to change."""
+        self.coord.zero_grad()
+        self.carried.value = carried_before
+        RNGState().load_state_dict(rng_before)
+        t, step, old = self.cfg.train, self.step + 1, self.micro_batch
+        if old == 1:
+            raise NeatError(f"step {step}: out of memory with a micro-batch of one sequence of train.seq_len = "
+                            f"{t.seq_len} bytes: the model does not fit on {self.hw.device.type}; lower "
+                            "train.seq_len or the model's size (model.dim, model.n_layers), or set "
+                            "checkpointing.memory_budget_mb to recompute activations in backward")
+        before = self.objective.micro_batches * self.objective.splits
+        self.progress.micro_batch = (old + 1) // 2
+        self.objective = self._step_objective()
+        after = self.objective.micro_batches * self.objective.splits
+        log.warning("neat: step %d ran out of memory at micro-batch %d x %d accumulation; running it again at "
+                    "micro-batch %d x %d (the same global batch and data), kept for the rest of the run",
+                    step, old, before, self.micro_batch, after)
 
     def _apply_checkpointing(self, specs: list[ComponentSpec]) -> str:
         """Apply ``[checkpointing]`` to the model; returns a one-line report for ``neat train``."""
