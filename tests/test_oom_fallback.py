@@ -294,3 +294,16 @@ def test_the_failed_attempt_is_freed_before_the_retry(corpus_dir, tmp_path):
     finally:
         gc.enable()
     assert kept and alive_at_retry == [False] and trainer.micro_batch == 2
+
+
+def test_the_cpu_allocators_runtime_error_counts_as_out_of_memory():
+    from neatlm.train.trainer import is_out_of_memory
+
+    real = None
+    try:
+        torch.empty(2**62, dtype=torch.uint8)          # far beyond any host: the CPU allocator refuses
+    except RuntimeError as exc:
+        real = exc
+    assert real is not None and is_out_of_memory(real)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("expected scalar type Float but found BFloat16"))

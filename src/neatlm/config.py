@@ -504,6 +504,9 @@ def validate(cfg: Config, *, check_size: bool = True) -> None:
             raise ConfigError(f"train.seq_len * train.segments = {t.seq_len} * {t.segments} = {window}: must be >= "
                               f"{min_length(questions=d.passkey_questions)} with data.task = 'passkey' (each "
                               "training window is one example: the needle, the questions and the five-digit answers)")
+    if not [p for p in cfg.adapt.patterns.split(",") if p.strip()]:
+        raise ConfigError(f"adapt.patterns = {cfg.adapt.patterns!r}: name at least one linear layer pattern, "
+                          "e.g. '*.mlp.down'")
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
     if check_size:

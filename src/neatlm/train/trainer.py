@@ -14,7 +14,8 @@ checkpoint is written, and :class:`TrainingInterrupted` says how to resume. A se
 gets the previous behaviour at once (Ctrl-C: KeyboardInterrupt; SIGTERM: exit); checkpoints
 are written atomically, so that cannot corrupt one.
 
-A step that runs out of memory (``torch.OutOfMemoryError``, or ``MemoryError`` on the host) in its
+A step that runs out of memory (``torch.OutOfMemoryError``, ``MemoryError``, or the CPU
+allocator's ``RuntimeError`` "can't allocate memory", which is what torch raises on the host) in its
 forward or backward passes is run again with half the micro-batch and twice the accumulation: the
 same windows, the same rows, the same global batch, split into pieces (see :meth:`Trainer.train_step`).
 
@@ -157,6 +158,15 @@ def probe_shape(cfg: Config) -> ProbeShape:
     return ProbeShape(batch=t.batch_size, seq=t.seq_len, dim=m.dim, heads=m.n_heads,
                       hidden=swiglu_hidden(m.dim, m.mlp_hidden), vocab=m.vocab_size)
 
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` reports memory exhaustion: a device's ``torch.OutOfMemoryError``, Python's
+    ``MemoryError``, or the ``RuntimeError`` torch's CPU allocator raises when it cannot allocate
+    (torch has no dedicated type for that one)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, _resume_from: ckpt.Checkpoint | None = None):
@@ -426,7 +436,9 @@ class Trainer:
                 total += loss_sum
                 scored += n
                 model_stats = window_stats or model_stats
-        except (torch.OutOfMemoryError, MemoryError):
+        except (RuntimeError, MemoryError) as exc:   # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
             # returning from the handler drops the traceback, and with it the failed graph's
             # tensors, before anything is run again
             return None
