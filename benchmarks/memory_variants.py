@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from neatlm.hw_profile import matmul_gflops  # noqa: E402
 from neatlm.config import Config, ConfigError, load_config  # noqa: E402
 from neatlm.grad.checkpointing import measure_activations  # noqa: E402
 from neatlm.nn.loss import lm_loss  # noqa: E402
@@ -144,16 +145,9 @@ def count_flops(cfg: Config, batch: int, seq: int) -> dict[str, float]:
 
 
 def matmul_rate(threads: int) -> float:
-    """Best fp32 GFLOP/s of a 2048^3 matmul on this machine, now."""
+    """Best fp32 GFLOP/s of a 2048^3 matmul on this machine, now (as `neat hw` measures it)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 ** 3 / best / 1e9
+    return matmul_gflops(torch.device("cpu"), "fp32", 2048)
 
 
 # ----------------------------------------------------------------------------- configs and timing

@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from neatlm.hw_profile import matmul_gflops
+
 DIM, HEADS, CHUNK, DEPTH, EXPANSION = 256, 1, 64, 2, 4.0
 BATCH, SEQ = 4, 1024
 MAX_LR, MAX_GRAD_NORM = 0.1, 1.0
@@ -58,16 +60,9 @@ def count_flops(batch=BATCH, seq=SEQ, dim=DIM, chunk=CHUNK, expansion=EXPANSION)
 
 
 def matmul_rate(threads: int) -> float:
-    """Best fp32 GFLOP/s of a 2048^3 matmul on this machine, now."""
+    """Best fp32 GFLOP/s of a 2048^3 matmul on this machine, now (as `neat hw` measures it)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 ** 3 / best / 1e9
+    return matmul_gflops(torch.device("cpu"), "fp32", 2048)
 
 
 # ----------------------------------------------------------------------------- the implementations
