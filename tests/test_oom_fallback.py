@@ -307,3 +307,26 @@ def test_the_cpu_allocators_runtime_error_counts_as_out_of_memory():
     assert real is not None and is_out_of_memory(real)
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("expected scalar type Float but found BFloat16"))
+
+
+def test_a_memory_budget_that_full_checkpointing_cannot_meet_lowers_the_micro_batch(corpus_dir, tmp_path, one_thread):
+    """A budget below what the whole batch needs even fully checkpointed: the planner halves the
+    micro-batch until it fits, the run trains as one with that micro-batch, and says why."""
+    whole = Trainer(config(corpus_dir, tmp_path / "whole", "sequence"))
+    whole.train()
+    cfg = config(corpus_dir, tmp_path / "budget", "sequence")
+    full_at_4 = Trainer(config(corpus_dir, tmp_path / "probe", "sequence", steps=1))
+    cfg.checkpointing.memory_budget_mb = 0.01                     # 10 KiB: far below one batch's activations
+    budgeted = Trainer(cfg)
+    assert 1 <= budgeted.micro_batch < 4 and budgeted.progress.micro_batch == budgeted.micro_batch
+    assert f"micro-batch {budgeted.micro_batch} of 4 rows" in budgeted.checkpointing
+    budgeted.train()
+    assert close(losses(tmp_path / "budget"), losses(tmp_path / "whole"))
+    assert full_at_4.micro_batch == 4                             # no budget: the whole batch
+
+
+def test_a_budget_the_whole_batch_meets_keeps_it(corpus_dir, tmp_path, one_thread):
+    cfg = config(corpus_dir, tmp_path / "roomy", "sequence")
+    cfg.checkpointing.memory_budget_mb = 1024.0
+    trainer = Trainer(cfg)
+    assert trainer.micro_batch == 4 and trainer.progress.micro_batch == 0 and "micro-batch" not in trainer.checkpointing

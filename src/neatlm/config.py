@@ -152,7 +152,8 @@ class TTLConfig:
 class CheckpointingConfig:
     policy: str = _f("none", "activation checkpointing of every unit", choices=("none", "full", "selective"))
     memory_budget_mb: float = _f(0.0, "> 0: choose the cheapest policies whose measured saved activations "
-                                 "fit this many MiB (overrides policy)", min=0.0)
+                                 "fit this many MiB (overrides policy); if even full checkpointing does not "
+                                 "fit, halve the micro-batch (the global batch kept) until it does", min=0.0)
     units: str = _f("blocks", "what a policy applies to: whole blocks, or each component inside a block",
                     choices=("blocks", "components"))
 

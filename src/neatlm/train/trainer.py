@@ -77,9 +77,9 @@ class RunDirectoryInUse(NeatError):
 @dataclass
 class TrainProgress:
     """The trainer's own counters: completed steps, best validation loss, training time so far, and
-    the micro-batch an out-of-memory fallback chose: at most this many of a process's rows of a
-    drawn batch per forward (0 = no fallback: all of them). It is progress, not config, so that a
-    resumed run does not run out of memory again at its first step."""
+    the micro-batch a memory budget or an out-of-memory fallback chose: at most this many of a
+    process's rows of a drawn batch per forward (0 = all of them). It is progress, not config, so
+    that a resumed run does not run out of memory again at its first step."""
 
     step: int = 0
     best_val: float = math.inf
@@ -198,12 +198,12 @@ class Trainer:
         self.sampler = self.data.sampler
         specs = component_specs(cfg)
         try:
-            self.checkpointing = self._apply_checkpointing(specs)
+            self.checkpointing, budget_micro_batch = self._apply_checkpointing(specs)
         except ValueError as exc:  # e.g. orphan parameters when units = "components"
             raise ConfigError(str(exc)) from None
         self.coord = GradientCoordinator(self.model, specs, total_steps=t.steps, guard=cfg.guard,
                                          monitor_every=t.log_every)
-        self.progress = TrainProgress()
+        self.progress = TrainProgress(micro_batch=budget_micro_batch)
         self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
             self._restore(_resume_from)   # the progress may hold a fallback's micro-batch
@@ -478,8 +478,14 @@ class Trainer:
                     "micro-batch %d x %d (the same global batch and data), kept for the rest of the run",
                     step, old, before, self.micro_batch, after)
 
-    def _apply_checkpointing(self, specs: list[ComponentSpec]) -> str:
-        """Apply ``[checkpointing]`` to the model; returns a one-line report for ``neat train``."""
+    def _apply_checkpointing(self, specs: list[ComponentSpec]) -> tuple[str, int]:
+        """Apply ``[checkpointing]`` to the model. Returns a one-line report for ``neat train`` and
+        the micro-batch a memory budget calls for (0: the whole batch).
+
+        Under ``checkpointing.memory_budget_mb`` the planner first looks for policies that fit at
+        the whole batch; when even everything fully checkpointed does not fit, the micro-batch is
+        halved (the global batch kept by splitting each drawn batch, as after an out-of-memory
+        fallback) and the policies are chosen again, down to one row."""
         c, t = self.cfg.checkpointing, self.cfg.train
         units = component_units(self.model, specs) if c.units == "components" else None
         if c.memory_budget_mb > 0:
@@ -487,18 +493,24 @@ class Trainer:
             # so the training stream is never read
             x, y = next(self.data.validation(1))
             x, y = x[self.rows, :t.seq_len].to(self.hw.device), y[self.rows, :t.seq_len].to(self.hw.device)
+            budget, rows, why = int(c.memory_budget_mb * 2**20), x.shape[0], ""
+            while True:
+                def probe(model: torch.nn.Module, n: int = rows) -> torch.Tensor:
+                    with self.hw.autocast():
+                        return lm_loss(model(x[:n])[0], y[:n])
 
-            def probe(model: torch.nn.Module) -> torch.Tensor:
-                with self.hw.autocast():
-                    return lm_loss(model(x)[0], y)
-
-            plan = choose_checkpointing(self.model, probe, int(c.memory_budget_mb * 2**20), units=units)
+                plan = choose_checkpointing(self.model, probe, budget, units=units)
+                if plan.fits or rows == 1:
+                    break
+                why = (f"; micro-batch {(rows + 1) // 2} of {x.shape[0]} rows: everything fully checkpointed "
+                       f"at {rows} rows saved {plan.measured_bytes / 2**20:.1f} MiB")
+                rows = (rows + 1) // 2
             plan.apply(self.model)
-            return plan.summary()
+            return plan.summary() + why, (rows if rows < x.shape[0] else 0)
         if c.policy == "none":
-            return "checkpointing: none"
+            return "checkpointing: none", 0
         applied = apply_checkpointing(self.model, c.policy, module_filter=list(units) if units else None)
-        return f"checkpointing: {c.policy} on {len(applied)} {c.units}"
+        return f"checkpointing: {c.policy} on {len(applied)} {c.units}", 0
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
