@@ -273,6 +273,7 @@ def test_cli_adapt_and_eval(base_run, capsys, one_thread):
      "adapt.steps = 0"),
     (["adapt", "--run", "{root}/run"], "give --data PATH and --name NAME"),
     (["eval", "--run", "{root}/run", "--adapt", "expert", "--expert", "nobody"], "no expert 'nobody'"),
+    (["eval", "--run", "{root}/run", "--adapt", "expert", "--expert", "../../x"], "an expert name is"),
     (["eval", "--run", "{root}/run", "--adapt", "expert"], "needs --expert"),
     (["eval", "--run", "{root}/run", "--expert", "prose"], "goes with --adapt"),
     (["generate", "--run", "{root}/run", "--adapt", "ttl"], "invalid choice"),
@@ -310,3 +311,20 @@ def test_cli_refuses_an_expert_made_for_another_base_model(base_run, capsys, one
         assert code == 2 and "made for base model fedcba9876543210" in err and len(err.strip().splitlines()) == 1
     finally:
         files.expert_file(base_run / "run", "alien").unlink()
+
+
+def test_a_classifier_file_without_its_experts_is_refused(base_run, capsys, one_thread):
+    adapted = open_base(base_run / "run", PATTERNS)
+    path = files.classifier_file(base_run / "run")
+    saved = path.read_bytes() if path.is_file() else None
+    try:
+        files.write(path, {**{f"z.{k}": v for k, v in adapted.ones().items()}, "head.weight": torch.zeros(2, 32),
+                           "head.bias": torch.zeros(2)}, {"kind": "svf-classifier", "base": adapted.fingerprint})
+        code = main(["eval", "--run", str(base_run / "run"), "--adapt", "classifier"])
+        err = capsys.readouterr().err
+        assert code == 2 and "not a classifier of this run" in err and len(err.strip().splitlines()) == 1
+    finally:
+        if saved is not None:
+            path.write_bytes(saved)
+        else:
+            path.unlink()

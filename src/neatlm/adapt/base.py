@@ -38,7 +38,7 @@ class AdaptedModel:
 
     def load_expert(self, name: str) -> dict[str, Tensor]:
         """An expert's z vectors (checked: same base model, same matrices)."""
-        path = files.expert_file(self.run_dir, name)
+        path = files.expert_file(self.run_dir, files.check_name(name))
         if not path.is_file():
             known = files.expert_names(self.run_dir)
             raise NeatError(f"no expert {name!r} beside {self.run_dir} (experts: {', '.join(known) or 'none yet'}; "

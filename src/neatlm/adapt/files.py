@@ -53,7 +53,7 @@ def expert_names(run_dir: Path) -> list[str]:
 def check_name(name: str) -> str:
     """An expert name is a file stem: letters, digits, ``_ . -``, at most 64 characters."""
     if not NAME_PATTERN.fullmatch(name):
-        raise NeatError(f"--name {name!r}: an expert name is 1-64 letters, digits, '_', '.' or '-', starting with "
+        raise NeatError(f"expert name {name!r}: an expert name is 1-64 letters, digits, '_', '.' or '-', starting with "
                         "a letter or digit")
     return name
 

@@ -146,6 +146,13 @@ class ExpertClassifier:
         z = {k[2:]: v for k, v in tensors.items() if k.startswith("z.")}
         adapted.check_matrices(path, z)
         names = meta.get("experts")
+        if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
+                and set(tensors) >= {"head.weight", "head.bias"}
+                and tuple(tensors["head.weight"].shape) == (len(names), adapted.cfg.model.dim)
+                and tuple(tensors["head.bias"].shape) == (len(names),)):
+            raise NeatError(f"{path}: not a classifier of this run (it must name two or more experts and hold a "
+                            f"head of {adapted.cfg.model.dim} inputs per expert); retrain it with "
+                            "`neat adapt --classifier`")
         missing = [n for n in names if n not in files.expert_names(adapted.run_dir)]
         if missing:
             raise NeatError(f"{path} chooses among experts {names}, but {missing} are gone; retrain it with "
