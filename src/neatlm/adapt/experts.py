@@ -22,9 +22,8 @@ from ..data.corpus import BatchSampler, Corpus, validation_batches
 from ..grad.components import ComponentSpec
 from ..grad.coordinator import GradientCoordinator
 from ..nn.loss import lm_loss
-from ..nn.memory import TTLControl
 from ..train.evaluate import evaluate
-from ..train.state_io import detach_state
+from ..train.stream import read_in_calls
 from .base import AdaptedModel
 from .svf import Z_PATTERN
 
@@ -86,13 +85,8 @@ def document_nats(adapted: AdaptedModel, doc: bytes, z: dict[str, Tensor], start
     was_training = model.training
     model.eval()
     ids = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long().to(device)
-    state, nats, count = None, 0.0, 0
-    for at in range(0, ids.numel() - 1, call_len):
-        x = ids[at:at + call_len][None]
-        y = ids[at + 1:at + 1 + call_len][None]
-        x = x[:, :y.shape[1]]
-        out = model(x, state, TTLControl())
-        state = detach_state(out.state)
+    nats, count = 0.0, 0
+    for at, out, y in read_in_calls(model, ids, call_len):
         first = max(start - (at + 1), 0)          # target j predicts byte at + 1 + j
         if first < y.shape[1]:
             nats += float(lm_loss(out.logits[:, first:], y[:, first:], reduction="sum"))

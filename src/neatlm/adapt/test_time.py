@@ -26,8 +26,7 @@ from ..config import AdaptConfig
 from ..grad.components import ComponentSpec
 from ..grad.coordinator import GradientCoordinator
 from ..nn.loss import lm_loss
-from ..nn.memory import TTLControl
-from ..train.state_io import detach_state
+from ..train.stream import read_in_calls
 from .base import AdaptedModel
 from .svf import Z_PATTERN
 
@@ -54,19 +53,14 @@ def learn_document(adapted: AdaptedModel, doc: bytes, z0: dict[str, Tensor], set
         was_training = model.training
         model.eval()
         ids = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long().to(device)
-        state, losses = None, []
-        for at in range(0, ids.numel() - 1, settings.ttl_chunk):
-            x = ids[at:at + settings.ttl_chunk][None]
-            y = ids[at + 1:at + 1 + settings.ttl_chunk][None]
-            x = x[:, :y.shape[1]]
-            with coord.only("svf"):
-                out = model(x, state, TTLControl())
-                nats = lm_loss(out.logits, y, reduction="none")
+        losses = []
+        with coord.only("svf"):
+            for _, out, y in read_in_calls(model, ids, settings.ttl_chunk):
+                nats = lm_loss(out.logits, y, reduction="none")   # scored first, then learned from
                 losses.append(nats.detach().flatten())
                 coord.backward(nats.mean())
                 coord.step()
                 coord.zero_grad()
-            state = detach_state(out.state)
         model.train(was_training)
     finally:
         for p in frozen:

@@ -24,14 +24,14 @@ import lzma
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..data.passkey import passkey_accuracy, passkey_batch, passkey_digit_accuracy
 from ..nn.memory import TTLControl
 from ..nn.loss import lm_loss
-from ..nn.model import NeatLM
+from ..nn.model import ModelOutput, NeatLM
 from .state_io import detach_state
 
 BUCKETS = (256, 1024, 4096, 16384)          # upper edges in bytes; the last bucket is open
@@ -93,6 +93,21 @@ def streaming_model(model: NeatLM) -> NeatLM:
     return windowed
 
 
+def read_in_calls(model: NeatLM, ids: torch.Tensor, call_len: int,
+                  ttl: TTLControl = TTLControl()) -> Iterator[tuple[int, ModelOutput, torch.Tensor]]:
+    """Read one document (``ids``, 1-D) ``call_len`` bytes per call, the state carried from call to
+    call and detached: yields ``(start, out, targets)`` per call, where ``targets`` (1, n) are the
+    bytes ``start + 1 .. start + n`` that ``out.logits`` predict. The caller's grad mode applies,
+    and it may take an optimizer step between calls (the next call reads the updated weights)."""
+    state = None
+    for start in range(0, ids.numel() - 1, call_len):
+        x = ids[start:start + call_len][None]                  # (1, T)
+        y = ids[start + 1:start + 1 + call_len][None]
+        out = model(x[:, :y.shape[1]], state, ttl)             # the last call has one target fewer
+        state = detach_state(out.state)
+        yield start, out, y
+
+
 @torch.no_grad()
 def stream_eval(model: NeatLM, files: Sequence[bytes], call_len: int = 256, learn: bool = True,
                 device: torch.device | str = "cpu", collect_stats: bool = False) -> StreamResult:
@@ -113,13 +128,7 @@ def stream_eval(model: NeatLM, files: Sequence[bytes], call_len: int = 256, lear
         if len(data) < 2:     # an empty or one-byte file has nothing to predict
             continue
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().to(device)
-        state = None
-        for start in range(0, ids.numel() - 1, call_len):
-            x = ids[start:start + call_len][None]                  # (1, T)
-            y = ids[start + 1:start + 1 + call_len][None]
-            x = x[:, :y.shape[1]]                                  # the last call has one target fewer
-            out = model(x, state, ttl)
-            state = detach_state(out.state)
+        for start, out, y in read_in_calls(model, ids, call_len, ttl):
             nats = lm_loss(out.logits, y, reduction="none").double().cpu()   # (T,)
             positions = torch.arange(start + 1, start + 1 + y.shape[1])
             bucket = _bucket_of(positions)
