@@ -188,13 +188,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_run(run: str):
     """Model and config from a run directory or a checkpoint directory (``--run``)."""
     from .config import from_dict
-    from .nn.model import NeatLM
+    from .nn.build import build_model
     from .train import checkpoint as ckpt
 
     _check_dir("--run", run, "run or checkpoint directory")
     found = ckpt.read_checkpoint(run)   # every file verified, the weights checked against the saved config
     cfg = from_dict(found.config)
-    model = NeatLM(cfg)
+    model = build_model(cfg)
     model.load_state_dict(found.states["model"])
     return model, cfg
 
@@ -393,11 +393,11 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     import torch
 
     from .grad.check import check_gradients
-    from .nn.model import NeatLM
+    from .nn.build import build_model
 
     cfg = _load(args)
     torch.manual_seed(args.seed)
-    model = NeatLM(cfg)
+    model = build_model(cfg)
     x = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1),
                       generator=torch.Generator().manual_seed(args.seed))
     report = check_gradients(model, x[:, :-1], x[:, 1:], samples=args.samples, tolerance=args.tolerance,

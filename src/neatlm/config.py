@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +23,7 @@ import torch
 from .data.passkey import min_length
 from .grad.components import parse_components
 from .grad.guard import GuardConfig
+from .nn.blt.settings import BLTSettings
 from .nn.memory import MemorySettings, memory_shapes, training_footprint
 from .settings import ConfigError, check_settings, coerce, field_type, setting, type_name
 
@@ -201,6 +203,7 @@ class Config:
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    blt: BLTSettings = field(default_factory=BLTSettings)
     # [components.<name>] tables for neatlm.grad.components.parse_components; empty = one
     # AdamW component "all" configured from [train]
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -508,10 +511,38 @@ def validate(cfg: Config, *, check_size: bool = True) -> None:
     if not [p for p in cfg.adapt.patterns.split(",") if p.strip()]:
         raise ConfigError(f"adapt.patterns = {cfg.adapt.patterns!r}: name at least one linear layer pattern, "
                           "e.g. '*.mlp.down'")
+    if cfg.blt.enabled:
+        _check_blt(cfg)
     if cfg.moe.top_k > cfg.moe.experts:
         raise ConfigError(f"moe.top_k = {cfg.moe.top_k}: must be <= moe.experts = {cfg.moe.experts}")
     if check_size:
         _check_memory_size(cfg)
+
+
+def _check_blt(cfg: Config) -> None:
+    """The BLT rules that span keys (each key's own range is checked with its section)."""
+    b, mem = cfg.blt, cfg.memory
+    if math.isnan(b.threshold):
+        raise ConfigError("blt.threshold = nan: must be a number (inf and -inf are allowed)")
+    for width, heads, what in ((b.local_dim, b.local_heads, "blt.local_dim"),
+                               (b.entropy_dim, b.entropy_heads, "blt.entropy_dim")):
+        key = "blt.local_heads" if what == "blt.local_dim" else "blt.entropy_heads"
+        if width % heads or (width // heads) % 2:
+            raise ConfigError(f"{key} = {heads}: must divide {what} = {width} into heads of even width (RoPE)")
+    if mem.reset == "never":
+        raise ConfigError("memory.reset = 'never': not with blt.enabled (rows of a batch complete different numbers "
+                          "of patches, so each row's global state is its own and is not carried from step to step); "
+                          "use memory.reset = 'sequence' and train.segments for longer windows")
+    if cfg.data.task != "text":
+        raise ConfigError(f"blt.enabled: BLT patches text; data.task must be 'text' (got {cfg.data.task!r})")
+    if mem.enabled:
+        patch = b.target_patch_size or (b.stride if b.patcher == "stride" else 4.0)
+        patches = cfg.train.seq_len * cfg.train.segments / patch
+        if mem.reset == "sequence" and mem.chunk_size >= patches:
+            raise ConfigError(f"memory.chunk_size = {mem.chunk_size}: the global model's memory steps once per "
+                              f"chunk of patches, and a training window of {cfg.train.seq_len * cfg.train.segments} "
+                              f"bytes holds about {patches:.0f} patches of {patch:g} bytes, so the memory would "
+                              "never learn; shorten memory.chunk_size")
 
 
 # ----------------------------------------------------------------------------- writing

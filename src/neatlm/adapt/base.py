@@ -79,6 +79,8 @@ def open_base(run: str | Path, patterns: tuple[str, ...], device: torch.device |
     ``RUN_DIR/adapt/basis.safetensors``; later calls read it (and refuse other ``patterns``)."""
     found = ckpt.read_checkpoint(run)            # every file verified, weights checked against the config
     cfg = from_dict(found.config)
+    if cfg.blt.enabled:
+        raise NeatError(f"{run}: a BLT run; Transformer² adaptation works on byte models (NeatLM) only")
     if cfg.model.window == 0:   # full attention: read documents longer than its context in a window of it
         cfg.model.window = cfg.model.context
     model = NeatLM(cfg)

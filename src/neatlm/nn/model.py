@@ -164,7 +164,9 @@ class NeatLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=m.init_std)  # also the tied output head
 
     def forward(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl(),
-                scored: Tensor | None = None) -> ModelOutput:
+                scored: Tensor | None = None, carry: bool = True) -> ModelOutput:
+        """``carry``: whether the caller continues from ``out.state``; a model whose exact state
+        costs extra work may skip it when not (BLT); this one's state is free and always returned."""
         hidden, new_state, aux_loss, stats = self.features(idx, state, ttl)
         if scored is not None:
             hidden = hidden[scored]                           # (N, dim): only the positions scored

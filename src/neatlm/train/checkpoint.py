@@ -295,7 +295,7 @@ def check_weights(expected: Mapping[str, torch.Tensor], found: Mapping[str, torc
 def _model_of_config(config: dict[str, Any], state_file: Path) -> dict[str, torch.Tensor]:
     """Parameter shapes of the model the saved config builds (on the meta device: no memory, no RNG)."""
     from ..config import from_dict
-    from ..nn.model import NeatLM
+    from ..nn.build import build_model
     from ..settings import ConfigError
 
     try:
@@ -303,7 +303,7 @@ def _model_of_config(config: dict[str, Any], state_file: Path) -> dict[str, torc
     except ConfigError as exc:
         raise CheckpointError(f"{state_file}: the saved config is invalid: {exc}") from None
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return NeatLM(cfg).state_dict()
+        return build_model(cfg).state_dict()
 
 
 def _join(obj: Any, tensors: Mapping[str, torch.Tensor], file: Path) -> Any:

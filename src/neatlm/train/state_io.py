@@ -20,20 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-
-
-def map_tensors(obj: Any, fn) -> Any:
-    """Apply ``fn`` to every tensor in a nest, keeping its structure."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if _is_namedtuple(obj):
-        return type(obj)(*(map_tensors(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(v, fn) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj) if f.init})
-    return obj
+from ..nn.state_tree import is_namedtuple, map_tensors, merge_tensors
 
 
 def split_rows(obj: Any, pieces: list[slice], rows: int) -> list[Any]:
@@ -53,22 +40,7 @@ def split_rows(obj: Any, pieces: list[slice], rows: int) -> list[Any]:
 def cat_rows(parts: list[Any]) -> Any:
     """The inverse of :func:`split_rows`: the pieces' states joined along the batch dimension
     (values that are not tensors are taken from the first piece)."""
-    return _merge(parts, lambda ts: torch.cat(ts, dim=0))
-
-
-def _merge(objs: list[Any], fn) -> Any:
-    """Apply ``fn`` to the list of corresponding tensors of nests of one structure."""
-    first = objs[0]
-    if isinstance(first, Tensor):
-        return fn(objs)
-    if _is_namedtuple(first):
-        return type(first)(*(_merge(list(vs), fn) for vs in zip(*objs)))
-    if isinstance(first, (list, tuple)):
-        return type(first)(_merge(list(vs), fn) for vs in zip(*objs))
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(first, **{f.name: _merge([getattr(o, f.name) for o in objs], fn)
-                                             for f in dataclasses.fields(first) if f.init})
-    return first
+    return merge_tensors(parts, lambda ts: torch.cat(ts, dim=0))
 
 
 def _tensors(obj: Any) -> list[Tensor]:
@@ -76,10 +48,6 @@ def _tensors(obj: Any) -> list[Tensor]:
     found: list[Tensor] = []
     map_tensors(obj, lambda t: found.append(t) or t)
     return found
-
-
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
 
 
 def detach_state(obj: Any) -> Any:
@@ -92,10 +60,12 @@ def state_classes() -> dict[str, type]:
     """The classes a saved state may contain, by name: the states of the project's mixers."""
     from ..nn.attention import AttentionState
     from ..nn.bk import BKState
+    from ..nn.blt.model import BLTState
+    from ..nn.blt.patching import PatchCursor
     from ..nn.memory import MemoryState
     from ..nn.memory_mixer import MemoryMixerState
 
-    return {c.__name__: c for c in (AttentionState, BKState, MemoryState, MemoryMixerState)}
+    return {c.__name__: c for c in (AttentionState, BKState, MemoryState, MemoryMixerState, BLTState, PatchCursor)}
 
 
 @lru_cache(maxsize=None)
@@ -110,12 +80,12 @@ def flatten_state(obj: Any, tensors: dict[str, Tensor] | None = None, prefix: st
     if isinstance(obj, Tensor):
         tensors[prefix] = obj
         return {"tensor": prefix}, tensors
-    if _is_namedtuple(obj) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+    if is_namedtuple(obj) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
         name = type(obj).__name__
         if state_classes().get(name) is not type(obj):
             raise TypeError(f"cannot save state of type {type(obj).__qualname__}: not one of the state classes "
                             f"{sorted(state_classes())} (add it to neatlm.train.state_io.state_classes)")
-        if _is_namedtuple(obj):
+        if is_namedtuple(obj):
             items = zip(obj._fields, obj)
         else:
             items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init)

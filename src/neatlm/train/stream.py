@@ -31,6 +31,7 @@ import torch
 from ..data.passkey import passkey_accuracy, passkey_batch, passkey_digit_accuracy
 from ..nn.memory import TTLControl
 from ..nn.loss import lm_loss
+from ..nn.build import build_model
 from ..nn.model import ModelOutput, NeatLM
 from .state_io import detach_state
 
@@ -88,7 +89,7 @@ def streaming_model(model: NeatLM) -> NeatLM:
         return model
     cfg = copy.deepcopy(model.cfg)
     cfg.model.window = cfg.model.context
-    windowed = NeatLM(cfg).to(next(model.parameters()).device)
+    windowed = build_model(cfg).to(next(model.parameters()).device)
     windowed.load_state_dict(model.state_dict())
     return windowed
 

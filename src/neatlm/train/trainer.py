@@ -49,8 +49,10 @@ from ..grad.coordinator import GradientCoordinator
 from ..hardware import ProbeShape, detect
 from ..nn.loss import IGNORE_INDEX, lm_loss, scored_count
 from ..nn.memory import TTLControl
-from ..nn.model import NeatLM, swiglu_hidden
+from ..nn.build import build_model
+from ..nn.model import swiglu_hidden
 from . import checkpoint as ckpt
+from .blt_setup import read_entropy_run, start_blt
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate
 from .metrics import MetricsWriter, bits_per_byte, truncate_after
@@ -192,7 +194,11 @@ class Trainer:
         self.row_count = self.rows.stop - self.rows.start   # this process's rows of a drawn batch
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
-        self.model = NeatLM(cfg).to(self.hw.device)
+        # a new BLT run reads its entropy model's shape and weights (a resumed one has them)
+        entropy = read_entropy_run(cfg) if cfg.blt.enabled and _resume_from is None else None
+        self.model = build_model(cfg).to(self.hw.device)
+        if entropy is not None:
+            start_blt(cfg, self.model, entropy, self.data.corpus.train)
         if t.init_from and _resume_from is None:   # a resumed run has its own weights
             self._init_weights_from(t.init_from)
         self.sampler = self.data.sampler
@@ -334,6 +340,7 @@ class Trainer:
         model's statistics from the last segment).
         """
         segments, reset = self.objective.segments, self.cfg.memory.reset
+        carry = segments > 1 or reset == "never"   # whether a later forward continues from the state
         total = torch.zeros((), device=x.device)
         stats: dict[str, torch.Tensor] = {}
         for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
@@ -341,7 +348,7 @@ class Trainer:
                 state = None
             mask = ys != IGNORE_INDEX if self.cfg.train.logits == "scored" else None
             with self.hw.autocast():
-                out = self.model(xs, state, ttl, scored=mask)
+                out = self.model(xs, state, ttl, scored=mask, carry=carry)
                 loss_sum = lm_loss(out.logits, ys if mask is None else ys[mask], reduction="sum")
                 objective = self.objective.term(loss_sum, scored, out.aux_loss)
             self.coord.backward(objective)
