@@ -257,3 +257,35 @@ def test_a_blt_run_trains_resumes_generates_and_evaluates(entropy_run, tmp_path,
     assert main(["generate", "--run", str(run), "--prompt", "def ", "--max-bytes", "20"]) == 0
     assert capsys.readouterr().out.startswith("def ")
     assert main(["eval", "--run", str(run)]) == 0
+
+
+def test_trains_under_bf16_autocast_with_and_without_carry():
+    model = tiny_blt()
+    x = torch.randint(0, 256, (3, 41), generator=torch.Generator().manual_seed(9))
+    for carry in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[:, :-1], carry=carry)
+            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        assert math.isfinite(loss.item())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_generation_steps_the_global_model_once_per_patch():
+    from neatlm.nn.model import generate
+    model = tiny_blt()
+    prompt = torch.tensor(list(b"def f(x):"))
+    out = generate(model, prompt, 25, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    text = torch.cat((prompt, out))[None]
+    with torch.no_grad():
+        _, ends, _, _ = model.patches(text)
+        state, seen = None, []
+        for t in range(text.shape[1]):            # as generation reads: one byte per call
+            state = model(text[:, t:t + 1], state).state
+            seen.append(int(state.patches_seen))
+    # bos at the first byte, then one global step exactly where a patch completes
+    steps = torch.diff(torch.tensor([0, *seen]))
+    assert steps[0] == 1 + int(ends[0, 0])
+    assert torch.equal(steps[1:], ends[0, 1:].long())

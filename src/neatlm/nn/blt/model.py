@@ -120,13 +120,8 @@ class BLTModel(nn.Module):
                 scored: Tensor | None = None, carry: bool = True) -> ModelOutput:
         b = self.settings
         B, T = idx.shape
-        cursor, entropy_state = (None, None) if state is None else (state.cursor, state.entropy)
-        with torch.no_grad():
-            e_out = self.entropy(idx, entropy_state)
-            after = entropy_of(e_out.logits)                 # (B, T): H of bytes t + 1
-        first = after[:, :1] if cursor is None else cursor.next_entropy[:, None]
-        starts, ends, next_cursor = patch_starts(torch.cat((first, after), dim=1), cursor, b.patcher,
-                                                 b.threshold, b.stride, b.max_patch)
+        cursor = None if state is None else state.cursor
+        starts, ends, next_cursor, entropy_state = self.patches(idx, state)
 
         h, tail = self.embed(idx, None if state is None else state.tail)
         encoder_states = []
@@ -166,9 +161,25 @@ class BLTModel(nn.Module):
         if carry:
             tail_bytes = torch.cat((open_bytes, h), dim=1)[:, -(b.max_patch - 1):] if b.max_patch > 1 else open_bytes
             last = table.gather(1, done[:, None, None].expand(-1, 1, table.shape[-1]))[:, 0]
-            new_state = BLTState(e_out.state, next_cursor, tail, encoder_states, tail_bytes, global_state, seen,
+            new_state = BLTState(entropy_state, next_cursor, tail, encoder_states, tail_bytes, global_state, seen,
                                  last, decoder_states)
         return ModelOutput(logits, new_state, aux, stats)
+
+    def patches(self, idx: Tensor, state: BLTState | None = None) -> tuple[Tensor, Tensor, PatchCursor, list]:
+        """Where this call's patches start and end: (starts (B, T), ends (B, T), the patch cursor
+        and the entropy model's state after the call). Byte t ends a patch iff byte t + 1 starts one,
+        which the entropy of byte t + 1 (predicted from bytes up to t) decides."""
+        b = self.settings
+        cursor, entropy_state = (None, None) if state is None else (state.cursor, state.entropy)
+        with torch.no_grad():
+            e_out = self.entropy(idx, entropy_state)
+            after = entropy_of(e_out.logits)                 # (B, T): H of bytes t + 1
+        # at a stream start the first byte has no prediction; it starts a patch whatever its entropy,
+        # and the monotonic rule compares byte 1 with itself
+        first = after[:, :1] if cursor is None else cursor.next_entropy[:, None]
+        starts, ends, next_cursor = patch_starts(torch.cat((first, after), dim=1), cursor, b.patcher,
+                                                 b.threshold, b.stride, b.max_patch)
+        return starts, ends, next_cursor, e_out.state
 
     def _complete_patches(self, h: Tensor, open_bytes: Tensor, run: Tensor, starts: Tensor,
                           ends: Tensor) -> tuple[Tensor, Tensor]:
