@@ -24,6 +24,17 @@ from pathlib import Path
 
 from .errors import NeatError
 
+
+def enable_mps_fallback(platform: str, environ: dict[str, str]) -> None:
+    """On a Mac, an op that torch's MPS backend lacks runs on the CPU instead of failing, with
+    torch's own warning naming the op (``PYTORCH_ENABLE_MPS_FALLBACK``). Torch reads the variable
+    when it loads, so this runs before anything imports torch; a value the user set is kept."""
+    if platform == "darwin":
+        environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+
+
+enable_mps_fallback(sys.platform, os.environ)   # the commands import torch later, inside each command
+
 # ---------------------------------------------------------------------------- value checks (type=)
 
 
@@ -166,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             _check_writable_dir("train.run_dir =", cfg.train.run_dir)
         trainer = Trainer(cfg, run_dir=args.run_dir)
+    from .train.blt_setup import describe_blt
     from .train.distributed import shutdown
 
     try:
@@ -177,6 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             comps = ", ".join(f"{n} ({len(trainer.coord.params(n))} tensors, {s.optimizer}, peak lr {s.lr:.2g}, "
                               f"{s.schedule})" for n, s in specs.items())
             print(f"neat: components: {comps}; {trainer.checkpointing}", file=sys.stderr)
+            if trainer.tuning is not None:
+                print(f"neat: autotune: {trainer.tuning.describe()}", file=sys.stderr)
+            if trainer.cfg.blt.enabled:
+                print(f"neat: {describe_blt(trainer.cfg)}", file=sys.stderr)
         result = trainer.train()
     finally:
         shutdown(trainer.dist)

@@ -137,6 +137,9 @@ class TrainConfig:
     precision: str = _f("auto", "auto = bf16 autocast only where a measurement shows it faster",
                         choices=("auto", "fp32", "bf16"))
     threads: int = _f(0, "CPU threads; 0 = torch default", min=0)
+    autotune: bool = _f(False, "measure, on this run's model and batch, the thread count (when train.threads = 0) and "
+                        "attention backend that run a step fastest, and use them (cached per machine and model; "
+                        "nothing that changes the model's outputs is tuned)")
     log_every: int = _f(10, "steps between metric records", min=1)
     save_every: int = _f(300, "steps between checkpoints (and one at the end)", min=1)
     keep_last: int = _f(2, "checkpoints kept", min=1)

@@ -53,6 +53,19 @@ def read_entropy_run(cfg: Config) -> dict[str, torch.Tensor]:
     return found.states["model"]
 
 
+def describe_blt(cfg: Config) -> str:
+    """One line: how this BLT run patches, and where its entropy model came from."""
+    b = cfg.blt
+    if b.patcher == "stride":
+        rule = f"a patch every {b.stride} bytes"
+    else:
+        what = "H(x_i)" if b.patcher == "entropy" else "H(x_i) - H(x_i-1)"
+        rule = f"{b.patcher} patches where {what} > {b.threshold:.4g} nats"
+    source = f" (set from blt.target_patch_size = {b.target_patch_size:g})" if b.target_patch_size > 0 else ""
+    return (f"BLT: {rule}{source}, at most {b.max_patch} bytes; entropy model {b.entropy_dim} wide, "
+            f"{b.entropy_layers} blocks, window {b.entropy_window} (from {b.entropy_run or 'the run'})")
+
+
 def start_blt(cfg: Config, model: BLTModel, weights: dict[str, torch.Tensor], text: np.ndarray) -> None:
     """Load the entropy model and, with ``blt.target_patch_size``, resolve the threshold (or stride)
     from the entropies of evenly spaced windows of the training ``text``."""

@@ -26,20 +26,23 @@ which owns every component's optimizer, schedule, clipping and NaN guard.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
+from ..autotune import Tuning, cache_key, cached_or_tuned
 from ..config import Config, ConfigError, apply_overrides, from_dict, to_toml, validate
 from ..data.source import build_data
 from ..errors import CheckpointError, NeatError, TrainingDiverged
@@ -213,10 +216,48 @@ class Trainer:
         self.carried = CarriedState(self.hw.device)  # model state kept across steps when memory.reset = "never"
         if _resume_from is not None:
             self._restore(_resume_from)   # the progress may hold a fallback's micro-batch
+        self.tuning = self._autotune(_resume_from.hardware if _resume_from is not None else None)
         # one backward per segment of every piece of every micro-batch, weighted by the step
         # objective (the coordinator adds gradients as given); under torchrun the coordinator
         # averages the gradients over processes once per step, in step()
         self.objective = self._step_objective()
+
+    def _autotune(self, recorded: dict | None) -> Tuning | None:
+        """With ``train.autotune``: the thread count and attention backend this run measured when it
+        started (on resume), else the cached or newly measured choice for this machine and model
+        (:mod:`neatlm.autotune`); applied now. None without it."""
+        if not self.cfg.train.autotune:
+            return None
+        tuning = None
+        if recorded and recorded.get("autotune"):
+            try:
+                tuning = Tuning.from_dict(recorded["autotune"])
+            except (ValueError, KeyError, TypeError):
+                tuning = None
+        if tuning is None:
+            x, y = copy.deepcopy(self.sampler).next()        # a real batch; the sampler does not move
+            x, y = x[:self.micro_batch].to(self.hw.device), y[:self.micro_batch].to(self.hw.device)
+
+            def step() -> None:
+                with self.hw.autocast():
+                    out = self.model(x, None, TTLControl(), carry=False)
+                    loss = lm_loss(out.logits, y)
+                    if out.aux_loss is not None:
+                        loss = loss + out.aux_loss
+                loss.backward()
+                self.model.zero_grad(set_to_none=True)
+
+            sections = {k: v for k, v in self.cfg.to_dict().items()
+                        if k in ("model", "memory", "bk", "moe", "blt", "checkpointing")}
+            key = cache_key({**sections, "precision": self.hw.precision}, tuple(x.shape), self.cfg.train.threads == 0)
+            tuning, cached = cached_or_tuned(step, self.hw.device, self.cfg.train.threads == 0, key)
+            log.info("autotune: %s%s", tuning.describe(), " (cached)" if cached else "")
+        tuning.apply()
+        return tuning
+
+    def kernels(self) -> ContextManager:
+        """The context every forward runs in: the tuned attention backend, or nothing."""
+        return self.tuning.kernels() if self.tuning is not None else nullcontext()
 
     def _init_weights_from(self, path: str) -> None:
         """Start from another run's model weights (fine-tuning), verified and shape-checked."""
@@ -320,7 +361,8 @@ class Trainer:
             barrier(self.dist)
             return None
         meta = {"config": self.cfg.to_dict(),
-                "hardware": {"device": self.hw.device.type, "precision": self.hw.precision}}
+                "hardware": {"device": self.hw.device.type, "precision": self.hw.precision,
+                             **({"autotune": self.tuning.to_dict()} if self.tuning is not None else {})}}
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.stateful(), keep_last=self.cfg.train.keep_last,
                                     meta=meta)
         barrier(self.dist)
@@ -347,7 +389,7 @@ class Trainer:
             if reset == "batch":
                 state = None
             mask = ys != IGNORE_INDEX if self.cfg.train.logits == "scored" else None
-            with self.hw.autocast():
+            with self.hw.autocast(), self.kernels():
                 out = self.model(xs, state, ttl, scored=mask, carry=carry)
                 loss_sum = lm_loss(out.logits, ys if mask is None else ys[mask], reduction="sum")
                 objective = self.objective.term(loss_sum, scored, out.aux_loss)
