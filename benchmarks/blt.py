@@ -14,14 +14,17 @@ first, then as many steps as fit in ``--seconds``; the cosine schedule ends ther
 
 Columns: the average patch size on the validation windows, forward matmul FLOPs per byte of the
 global model and of the whole model (2 per multiply-add; the frozen entropy model's are listed
-apart), training bytes per second, steps, and validation bits per byte on the same windows. Run it
-alone (one thread per process; other processes on the same cores slow an arm down and it fits
-fewer steps in its time).
+apart: the stride arm has none), training bytes per second, steps, and validation bits per byte on
+the same windows, at the end and at the step count every arm reaches (all arms are timed before
+any trains, and each evaluates at that step too), so that the patchers are also compared at equal
+data. Run it alone (one thread per process; other processes on the same cores slow an arm down and
+it fits fewer steps in its time).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -73,6 +76,15 @@ def train_entropy(run: Path, threads: int) -> None:
     Trainer(cfg).train()
 
 
+def val_bpb_at(run: Path, step: int) -> float:
+    """The validation bits per byte the run recorded at ``step``."""
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == step and "val_bpb" in record:
+            return record["val_bpb"]
+    return float("nan")
+
+
 def average_patch(model: BLTModel, cfg: Config, batches: list[torch.Tensor]) -> float:
     with torch.no_grad():
         starts = torch.cat([model.patches(x)[0].flatten() for x in batches])
@@ -94,15 +106,20 @@ def main() -> None:
     entropy_run = Path(args.entropy) if args.entropy else runs / "entropy"
     train_entropy(entropy_run, args.threads)
     table = arms(args.patch, entropy_run)
-    rows = []
-    for name in [a.strip() for a in args.arms.split(",") if a.strip()]:
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    plan = {}
+    for name in names:
         preset, sets = table[name]
         sets = sets + COMMON + [f"train.threads={args.threads}", f"eval.batches={args.val_batches}"]
         per_step = seconds_per_step(preset, sets)
-        steps = max(1, int(args.seconds / per_step))
-        print(f"{name}: {per_step:.3f} s/step -> {steps} steps", flush=True)
+        plan[name] = (preset, sets, max(1, int(args.seconds / per_step)))
+        print(f"{name}: {per_step:.3f} s/step -> {plan[name][2]} steps", flush=True)
+    common = max(1, min(steps for _, _, steps in plan.values()) // 50 * 50)
+    rows = []
+    for name in names:
+        preset, sets, steps = plan[name]
         cfg = load_config(preset, overrides=sets + [f"train.steps={steps}", f"train.save_every={steps}",
-                                                   f"train.run_dir={runs / name}"])
+                                                   f"train.run_dir={runs / name}", f"eval.every={common}"])
         trainer = Trainer(cfg)
         start = time.perf_counter()
         result = trainer.train()
@@ -113,17 +130,18 @@ def main() -> None:
                                                      min(args.val_batches, 8))]
             patch = average_patch(model, cfg, val)
             flops = matmul_flops_per_byte(cfg, patch)
-            ent = byte_flops_per_byte(entropy_config(cfg.blt))
-            row = (name, f"{patch:.2f}", f"{flops['global'] / 1e6:.3f}", f"{flops['total'] / 1e6:.3f}",
-                   f"{ent / 1e6:.3f}")
+            ent = "-" if model.entropy is None else f"{byte_flops_per_byte(entropy_config(cfg.blt)) / 1e6:.3f}"
+            row = (name, f"{patch:.2f}", f"{flops['global'] / 1e6:.3f}", f"{flops['total'] / 1e6:.3f}", ent)
         else:
             row = (name, "1.00", f"{byte_flops_per_byte(cfg) / 1e6:.3f}", f"{byte_flops_per_byte(cfg) / 1e6:.3f}", "-")
         params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        at_common = val_bpb_at(runs / name, common)
         rows.append(row + (f"{params / 1e6:.2f}", str(steps), f"{seconds:.0f}",
-                           f"{result.get('tokens_per_s', float('nan')):,.0f}", f"{result['val_bpb']:.3f}"))
+                           f"{result.get('tokens_per_s', float('nan')):,.0f}", f"{at_common:.3f}",
+                           f"{result['val_bpb']:.3f}"))
         print(" | ".join(rows[-1]), flush=True)
     head = ("arm", "patch (bytes)", "global MFLOP/byte", "total MFLOP/byte", "entropy model MFLOP/byte",
-            "params (M)", "steps", "train s", "bytes/s", "val bpb")
+            "params (M)", "steps", "train s", "bytes/s", f"val bpb at step {common}", "val bpb at the end")
     print()
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

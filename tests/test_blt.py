@@ -18,7 +18,7 @@ from neatlm.config import Config, validate
 from neatlm.grad.check import check_gradients
 from neatlm.nn.blt.hashing import ngram_hashes
 from neatlm.nn.blt.model import BLTModel
-from neatlm.nn.blt.patching import PatchCursor, measured_threshold, patch_starts
+from neatlm.nn.blt.patching import PatchCursor, average_patch, entropy_of, measured_threshold, patch_starts
 from neatlm.nn.build import build_model
 from neatlm.settings import ConfigError
 from neatlm.train.state_io import flatten_state, unflatten_state
@@ -80,10 +80,12 @@ def test_entropy_patches_start_where_entropy_is_high():
     assert s[0].nonzero().flatten().tolist() == [0, 2, 6]
 
 
-def test_measured_threshold_hits_the_target_fraction():
-    H = torch.rand(8, 500, generator=torch.Generator().manual_seed(1)) * 4
-    theta = measured_threshold(H, "entropy", 4.0)
-    assert abs((H > theta).float().mean().item() - 0.25) < 0.01
+@pytest.mark.parametrize("patcher", ["entropy", "monotonic"])
+def test_measured_threshold_hits_the_target_patch_size(patcher):
+    H = torch.rand(8, 501, generator=torch.Generator().manual_seed(1)) * 4
+    for target in (2.0, 4.0, 5.5):
+        theta = measured_threshold(H, patcher, target, max_patch=8)
+        assert abs(average_patch(H, patcher, theta, 8) - target) < 0.05 * target
 
 
 def test_hashes_are_the_same_in_another_process():
@@ -194,7 +196,7 @@ def test_state_survives_a_checkpoint_round_trip():
 
 def test_bad_blt_values_are_one_line_errors():
     for key, value, words in (("threshold", math.nan, "blt.threshold"), ("local_heads", 3, "blt.local_heads"),
-                              ("max_patch", 0, "blt.max_patch")):
+                              ("max_patch", 0, "blt.max_patch"), ("target_patch_size", 20.0, "blt.target_patch_size")):
         cfg = Config()
         cfg.blt.enabled = True
         setattr(cfg.blt, key, value)
@@ -289,3 +291,27 @@ def test_generation_steps_the_global_model_once_per_patch():
     steps = torch.diff(torch.tensor([0, *seen]))
     assert steps[0] == 1 + int(ends[0, 0])
     assert torch.equal(steps[1:], ends[0, 1:].long())
+
+
+def test_padding_groups_cover_every_row_once_and_cut_where_it_pays():
+    from neatlm.nn.blt.model import padding_groups
+    lengths = [55, 43, 70, 57, 54, 63, 66, 53, 68, 50, 83, 92, 52, 62, 65, 61]
+    groups = padding_groups(lengths, overhead=60.0)
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    cost = sum(len(g) * max(lengths[i] for i in g) for g in groups) + 60.0 * len(groups)
+    assert 1 < len(groups) < 16 and cost < 16 * 92 + 60.0
+    assert padding_groups([5, 5, 5], overhead=1.0) == [[0, 1, 2]]          # equal rows: one call
+    assert len(padding_groups(lengths, overhead=1e9)) == 1                 # calls too dear: one call
+
+
+def test_grouped_global_batches_equal_one_padded_batch():
+    from neatlm.nn.blt.model import padding_groups
+    model = tiny_blt()
+    x = torch.randint(0, 256, (8, 60), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        model.settings.threshold = float(torch.quantile(entropy_of(model.entropy(x).logits), 0.7))
+        done = model.patches(x)[1].sum(1)
+        assert len(padding_groups((1 + done).tolist(), float(done.float().mean()) + 1)) > 1
+        grouped = model(x, carry=False).logits
+        carried = model(x).logits                 # rows apart, each with its own global state
+    assert torch.allclose(grouped, carried, atol=1e-5)

@@ -536,6 +536,9 @@ def _check_blt(cfg: Config) -> None:
         raise ConfigError("memory.reset = 'never': not with blt.enabled (rows of a batch complete different numbers "
                           "of patches, so each row's global state is its own and is not carried from step to step); "
                           "use memory.reset = 'sequence' and train.segments for longer windows")
+    if b.target_patch_size > b.max_patch:
+        raise ConfigError(f"blt.target_patch_size = {b.target_patch_size:g}: must be <= blt.max_patch = "
+                          f"{b.max_patch} (no patch is longer)")
     if cfg.data.task != "text":
         raise ConfigError(f"blt.enabled: BLT patches text; data.task must be 'text' (got {cfg.data.task!r})")
     if mem.enabled:

@@ -57,19 +57,21 @@ def describe_blt(cfg: Config) -> str:
     """One line: how this BLT run patches, and where its entropy model came from."""
     b = cfg.blt
     if b.patcher == "stride":
-        rule = f"a patch every {b.stride} bytes"
-    else:
-        what = "H(x_i)" if b.patcher == "entropy" else "H(x_i) - H(x_i-1)"
-        rule = f"{b.patcher} patches where {what} > {b.threshold:.4g} nats"
+        source = f" (from blt.target_patch_size = {b.target_patch_size:g})" if b.target_patch_size > 0 else ""
+        return f"BLT: a patch every {b.stride} bytes{source}, no entropy model"
+    what = "H(x_i)" if b.patcher == "entropy" else "H(x_i) - H(x_i-1)"
+    rule = f"{b.patcher} patches where {what} > {b.threshold:.4g} nats"
     source = f" (set from blt.target_patch_size = {b.target_patch_size:g})" if b.target_patch_size > 0 else ""
     return (f"BLT: {rule}{source}, at most {b.max_patch} bytes; entropy model {b.entropy_dim} wide, "
             f"{b.entropy_layers} blocks, window {b.entropy_window} (from {b.entropy_run or 'the run'})")
 
 
-def start_blt(cfg: Config, model: BLTModel, weights: dict[str, torch.Tensor], text: np.ndarray) -> None:
-    """Load the entropy model and, with ``blt.target_patch_size``, resolve the threshold (or stride)
-    from the entropies of evenly spaced windows of the training ``text``."""
-    model.entropy.load_state_dict(weights)
+def start_blt(cfg: Config, model: BLTModel, weights: dict[str, torch.Tensor] | None, text: np.ndarray) -> None:
+    """Load the entropy model (none for the stride patcher) and, with ``blt.target_patch_size``,
+    resolve the threshold (or stride) from the entropies of evenly spaced windows of the training
+    ``text``."""
+    if model.entropy is not None and weights is not None:
+        model.entropy.load_state_dict(weights)
     b = cfg.blt
     if b.target_patch_size <= 0:
         return
@@ -80,7 +82,8 @@ def start_blt(cfg: Config, model: BLTModel, weights: dict[str, torch.Tensor], te
     seq = min(cfg.train.seq_len, max(text.size - 1, 2))
     x, _ = next(validation_batches(text, 64, seq, 1))
     with torch.no_grad():
-        entropies = entropy_of(model.entropy(x.to(next(model.parameters()).device)).logits)
-    b.threshold = measured_threshold(entropies, b.patcher, b.target_patch_size)
-    log.info("blt.threshold = %.4f nats from blt.target_patch_size = %g (the %s patcher, 64 windows of %d "
-             "training bytes)", b.threshold, b.target_patch_size, b.patcher, seq)
+        after = entropy_of(model.entropy(x.to(next(model.parameters()).device)).logits)
+    entropies = torch.cat((after[:, :1], after), dim=1)   # as the model patches a stream from its start
+    b.threshold = measured_threshold(entropies, b.patcher, b.target_patch_size, b.max_patch)
+    log.info("blt.threshold = %.4f nats from blt.target_patch_size = %g (the %s patcher's average patch on 64 "
+             "windows of %d training bytes)", b.threshold, b.target_patch_size, b.patcher, seq)

@@ -198,9 +198,10 @@ class Trainer:
         self.data = build_data(cfg)
         torch.manual_seed(t.seed)
         # a new BLT run reads its entropy model's shape and weights (a resumed one has them)
-        entropy = read_entropy_run(cfg) if cfg.blt.enabled and _resume_from is None else None
+        new_blt = cfg.blt.enabled and _resume_from is None
+        entropy = read_entropy_run(cfg) if new_blt and cfg.blt.patcher != "stride" else None
         self.model = build_model(cfg).to(self.hw.device)
-        if entropy is not None:
+        if new_blt:
             start_blt(cfg, self.model, entropy, self.data.corpus.train)
         if t.init_from and _resume_from is None:   # a resumed run has its own weights
             self._init_weights_from(t.init_from)

@@ -103,13 +103,24 @@ def patch_starts(entropies: Tensor, cursor: PatchCursor | None, patcher: str, th
     return starts_all[:, :T], starts_all[:, 1:], nxt
 
 
-def measured_threshold(entropies: Tensor, patcher: str, target_patch_size: float) -> float:
-    """The threshold whose rule starts a patch at ``1 / target_patch_size`` of the positions of
-    ``entropies`` (B, T): the matching quantile of H (entropy) or of its increase (monotonic).
-    The length cap adds a few starts, so the average patch comes out at most the target."""
-    if patcher == "entropy":
-        values = entropies.flatten()
-    else:
-        values = (entropies[:, 1:] - entropies[:, :-1]).flatten()
-    q = min(max(1.0 - 1.0 / target_patch_size, 0.0), 1.0)
-    return float(torch.quantile(values.double(), q))
+def average_patch(entropies: Tensor, patcher: str, threshold: float, max_patch: int) -> float:
+    """Mean patch length of streams with these entropies ((B, T + 1), as :func:`patch_starts`
+    takes them), each read from its start."""
+    starts, _, _ = patch_starts(entropies, None, patcher, threshold, 1, max_patch)
+    return starts.numel() / max(int(starts.sum()), 1)
+
+
+def measured_threshold(entropies: Tensor, patcher: str, target_patch_size: float, max_patch: int,
+                       iterations: int = 40) -> float:
+    """The threshold at which the patcher's patches of these streams ((B, T + 1) entropies) average
+    ``target_patch_size`` bytes, the length cap included: a bisection, since the average grows with
+    the threshold. Patchers compared at one target then do the same global work per byte."""
+    values = entropies if patcher == "entropy" else entropies[:, 1:] - entropies[:, :-1]
+    low, high = float(values.min()) - 1.0, float(values.max()) + 1.0   # one byte per patch .. only the cap
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if average_patch(entropies, patcher, mid, max_patch) < target_patch_size:
+            low = mid
+        else:
+            high = mid
+    return high
