@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -525,8 +524,6 @@ def validate(cfg: Config, *, check_size: bool = True) -> None:
 def _check_blt(cfg: Config) -> None:
     """The BLT rules that span keys (each key's own range is checked with its section)."""
     b, mem = cfg.blt, cfg.memory
-    if math.isnan(b.threshold):
-        raise ConfigError("blt.threshold = nan: must be a number (inf and -inf are allowed)")
     for width, heads, what in ((b.local_dim, b.local_heads, "blt.local_dim"),
                                (b.entropy_dim, b.entropy_heads, "blt.entropy_dim")):
         key = "blt.local_heads" if what == "blt.local_dim" else "blt.entropy_heads"

@@ -26,8 +26,8 @@ class BLTSettings:
     entropy_window: int = _f(128, "entropy model attention window in bytes (recorded from blt.entropy_run)", min=1)
     patcher: str = _f("entropy", "where patches start: entropy = H(x_i) > blt.threshold; monotonic = H(x_i) - "
                       "H(x_i-1) > blt.threshold; stride = every blt.stride bytes", choices=("entropy", "monotonic", "stride"))
-    threshold: float = _f(2.0, "entropy threshold in nats (global for 'entropy', relative for 'monotonic'); "
-                          "inf = only blt.max_patch ends patches, -inf = one byte per patch")
+    threshold: float = _f(2.0, "entropy threshold in nats (global for 'entropy', relative for 'monotonic'); above "
+                          "ln 256 = 5.55 only blt.max_patch ends a patch, below -5.55 every byte is a patch")
     target_patch_size: float = _f(0.0, "> 0: when a run starts, set blt.threshold (entropy, monotonic) or "
                                   "blt.stride from this average patch size, measured on training text", min=0.0)
     stride: int = _f(4, "bytes per patch of the 'stride' patcher", min=1)
