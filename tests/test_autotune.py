@@ -111,3 +111,24 @@ def test_mps_fallback_is_on_for_macs_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", "import sys, neatlm.cli; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_forced_backend_falls_back_to_math_where_it_cannot_run():
+    from neatlm.nn.attention import CausalSelfAttention
+    attention = CausalSelfAttention(32, 2, window=4)
+    x = torch.randn(1, 20, 32)                      # a banded window: an explicit mask, which flash refuses
+    with torch.no_grad():
+        reference, _ = attention(x)
+        for name in ("flash", "math"):
+            with Tuning(1, name).kernels():
+                y, _ = attention(x)
+            assert torch.allclose(y, reference, atol=1e-5)
+
+
+def test_a_candidate_that_fails_is_never_chosen():
+    def step():
+        if torch.get_num_threads() == 1:
+            raise RuntimeError("No available kernel")
+    timings = autotune.measure(step, [(1, DEFAULT), (2, DEFAULT)], rounds=1)
+    assert timings[label(1, DEFAULT)] == float("inf")
+    assert choose(timings, [(1, DEFAULT), (2, DEFAULT)], (2, DEFAULT)).threads == 2

@@ -51,10 +51,14 @@ class Tuning:
     baseline: str = ""    # the label of the defaults the choice was compared with
 
     def kernels(self) -> ContextManager:
-        """The context a forward runs in: the chosen attention backend forced, or nothing."""
+        """The context a forward runs in: the chosen attention backend first, the plain math one
+        behind it (a fused kernel refuses some calls, e.g. flash with an explicit mask: those
+        run as math rather than fail), or nothing for torch's own choice."""
         if self.attention == DEFAULT:
             return contextlib.nullcontext()
-        return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[self.attention]))
+        chosen = getattr(SDPBackend, SDPA_BACKENDS[self.attention])
+        order = [chosen] if chosen == SDPBackend.MATH else [chosen, SDPBackend.MATH]
+        return sdpa_kernel(order, set_priority=True)
 
     def apply(self) -> None:
         torch.set_num_threads(self.threads)
@@ -95,17 +99,21 @@ def attention_candidates(device: torch.device) -> list[str]:
 
 def measure(step: Callable[[], None], candidates: list[tuple[int, str]], rounds: int = 3) -> dict[str, float]:
     """Seconds of ``step`` under each (threads, attention) candidate: one warm-up each, then
-    ``rounds`` rounds in which the candidates take turns; the fastest of each."""
+    ``rounds`` rounds in which the candidates take turns; the fastest of each (inf for a candidate
+    that cannot run the step)."""
     before = torch.get_num_threads()
     timings = {label(t, a): float("inf") for t, a in candidates}
     try:
         for r in range(rounds + 1):
             for threads, attention in candidates:
                 torch.set_num_threads(threads)
-                with Tuning(threads, attention).kernels():
-                    start = time.perf_counter()
-                    step()
-                    seconds = time.perf_counter() - start
+                try:
+                    with Tuning(threads, attention).kernels():
+                        start = time.perf_counter()
+                        step()
+                        seconds = time.perf_counter() - start
+                except RuntimeError:   # a candidate this step cannot run under stays at inf
+                    continue
                 if r > 0:
                     key = label(threads, attention)
                     timings[key] = min(timings[key], seconds)
