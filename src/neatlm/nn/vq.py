@@ -224,7 +224,7 @@ def load_vq(run_dir: str | Path, what: str = "the VQ-VAE run") -> VQVAE:
         doc = json.loads(meta.read_text(encoding="utf-8"))
         vq = VQVAE(VQSettings(**doc["settings"]))
         vq.load_state_dict(load_file(str(weights)))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the reader raises (SafetensorError too), it is no codebook
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(f"{what} {run_dir}: cannot be read ({first})") from None
     return vq.eval()

@@ -1,0 +1,128 @@
+"""MVoT on grid worlds: do visual thoughts help the answer, and does the discrepancy loss help the images?
+
+    python benchmarks/mvot.py [--seconds 300] [--examples 200] [--out /tmp/mvot-bench] [--threads 1]
+
+One run: trains the visual codebook (the mvot-vq preset), then three arms of the same model for
+the same training time (CPU seconds) on the same examples (steps = seconds / the arm's measured
+step time):
+
+- text only (mvot-text): the answer right after the question;
+- MVoT, cross-entropy only (mvot, mvot.discrepancy_weight = 0): an image after every move;
+- MVoT with the token-discrepancy loss (mvot, weight 1).
+
+Each arm then answers ``--examples`` held-out test maps, writing its own thoughts greedily
+(neatlm.train.mvot): answer accuracy (overall, and for walks of 2-3 and 4-5 moves), the image
+tokens it wrote at the right place, images written exactly, and the teacher-forced image-token
+accuracy. Prints one table; writes the thoughts of the discrepancy arm on the first test maps
+beside the truth as a PNG (``--figure``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from neatlm.config import load_config  # noqa: E402
+from neatlm.data.mvot import load_task  # noqa: E402
+from neatlm.train.mvot import mvot_eval, thought_grid  # noqa: E402
+from neatlm.train.png import write_png  # noqa: E402
+from neatlm.train.trainer import Trainer  # noqa: E402
+from neatlm.train.vq import train_vq  # noqa: E402
+
+ARMS = {
+    "text only (mvot-text)": ("mvot-text", []),
+    "MVoT, CE only": ("mvot", ["mvot.discrepancy_weight=0"]),
+    "MVoT, CE + discrepancy": ("mvot", ["mvot.discrepancy_weight=1"]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=300.0,
+                    help="training time of each arm, in CPU seconds of this process (steps = seconds / the step "
+                         "time measured on a few steps), so that other work on the host does not skew the arms")
+    ap.add_argument("--examples", type=int, default=200, help="held-out test maps each arm answers")
+    ap.add_argument("--probe-steps", type=int, default=5)
+    ap.add_argument("--vq-steps", type=int, default=0, help="0 = the mvot-vq preset's")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="/tmp/mvot-bench", help="run directories")
+    ap.add_argument("--figure", default=str(Path(__file__).resolve().parents[1] / "docs" / "mvot_thoughts.png"))
+    ap.add_argument("--figure-examples", type=int, default=6)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    common = ["train.progress=false", "train.device=cpu", "train.precision=fp32", f"train.threads={args.threads}"]
+
+    start = time.perf_counter()
+    vq_dir = out / "vq"
+    vq_cfg = load_config("mvot-vq", overrides=common + ([f"train.steps={args.vq_steps}"] if args.vq_steps else []))
+    vq_stats = train_vq(vq_cfg, vq_dir)
+    vq_seconds = time.perf_counter() - start
+    print(f"codebook: {vq_seconds:.0f} s, {vq_stats}", file=sys.stderr)
+
+    rows = []
+    figure_task = figure_thoughts = None
+    for name, (preset, extra) in ARMS.items():
+        over = [*common, "eval.every=0", f"mvot.vq_run={vq_dir}", *extra, *args.overrides]
+        if preset == "mvot-text":
+            over.remove(f"mvot.vq_run={vq_dir}")
+        probe = Trainer(load_config(preset, overrides=over + ["train.steps=1000"]), run_dir=out / f"probe-{len(rows)}")
+        probe.train_step()   # warm up
+        t0 = time.process_time()
+        for _ in range(args.probe_steps):
+            probe.train_step()
+        per_step = (time.process_time() - t0) / args.probe_steps
+        steps = max(20, int(args.seconds / per_step))
+        cfg = load_config(preset, overrides=over + [f"train.steps={steps}", f"train.save_every={steps}",
+                                                    f"train.warmup_steps={min(40, steps // 10)}"])
+        trainer = Trainer(cfg, run_dir=out / f"arm-{len(rows)}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = trainer.train()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        task = load_task(cfg.mvot, cfg.vq, cfg.train.seq_len)
+        t0 = time.perf_counter()
+        scores, thoughts = mvot_eval(trainer.model, task, args.examples, split="test")
+        eval_seconds = time.perf_counter() - t0
+        short = [t.correct for t in thoughts if len(t.example.moves) <= 3]
+        long = [t.correct for t in thoughts if len(t.example.moves) >= 4]
+        scores["acc_short"] = sum(short) / max(len(short), 1)
+        scores["acc_long"] = sum(long) / max(len(long), 1)
+        rows.append((name, steps, cpu, result.get("val_loss", math.nan), scores))
+        print(f"{name}: {steps} steps in {seconds:.0f} s ({cpu:.0f} s CPU), eval {eval_seconds:.0f} s, {scores}",
+              file=sys.stderr)
+        if task.layout is not None and "discrepancy" in name:
+            figure_task, figure_thoughts = task, thoughts[:args.figure_examples]
+
+    n = args.examples
+    print(f"\nMVoT on held-out grid-world maps (4x4 and 5x5, 2-5 moves): {n} test examples per arm, "
+          f"~{args.seconds:.0f} CPU seconds of training each on {args.threads} thread(s)")
+    print(f"codebook (VQ-VAE, {vq_cfg.vq.codebook} codes, {vq_cfg.train.steps} steps, {vq_seconds:.0f} s): "
+          f"validation MSE {vq_stats['val_mse']:.5f} (PSNR {vq_stats['val_psnr']:.1f} dB), largest pixel error "
+          f"{vq_stats['val_max_err']:.2f}, {vq_stats['codes_used']:.0f} codes used (perplexity "
+          f"{vq_stats['code_perplexity']:.2f})")
+    se = 0.5 / math.sqrt(n)
+    print(f"answer accuracy: chance 0.50, standard error at most {se:.3f}")
+    head = (f"| {'arm':<24} | {'steps':>5} | {'train CPU s':>11} | {'val loss':>8} | {'answer acc':>10} | {'2-3 moves':>9} "
+            f"| {'4-5 moves':>9} | {'image tokens (written)':>22} | {'images exact':>12} | {'image tokens (forced)':>21} |")
+    print(head)
+    print("| " + " | ".join("-" * (len(c.strip()) if c.strip() else 3) for c in head.strip("|").split("|")) + " |")
+    for name, steps, seconds, val, s in rows:
+        img = lambda k: f"{s[k]:.3f}" if k in s else "-"  # noqa: E731
+        print(f"| {name:<24} | {steps:>5} | {seconds:>11.0f} | {val:>8.3f} | {s['answer_acc']:>10.3f} | "
+              f"{s['acc_short']:>9.3f} | {s['acc_long']:>9.3f} | {img('image_token_acc'):>22} | "
+              f"{img('image_exact'):>12} | {img('forced_image_acc'):>21} |")
+    if figure_task is not None and figure_thoughts:
+        path = write_png(args.figure, thought_grid(figure_task, figure_thoughts))
+        print(f"\nvisual thoughts of 'MVoT, CE + discrepancy' on test maps 0-{len(figure_thoughts) - 1}: {path}")
+
+
+if __name__ == "__main__":
+    main()
