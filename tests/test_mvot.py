@@ -357,6 +357,14 @@ def test_commands_end_to_end(tmp_path: Path, capsys):
     grid = read_png(tmp_path / "png" / "grid.png")
     assert grid.ndim == 3 and grid.shape[2] == 3
     assert read_png(tmp_path / "png" / "start.png").shape[:2] in ((16, 16), (20, 20))
+    assert main(["eval", "--run", str(run)]) == 0                                # validation under the mask: finite
+    assert np.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
+    text_run = tmp_path / "text"                                                  # the text arm, every logit computed
+    assert main(["train", "--preset", "mvot-text", "--run-dir", str(text_run), *small, *model[:6],
+                 "--set", "train.batch_size=2", "--set", "train.steps=2", "--set", "train.logits=all"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(text_run), "--task", "mvot", "--examples", "1"]) == 0
+    assert "image_token_acc" not in json.loads(capsys.readouterr().out)
     assert main(["generate", "--run", str(run), "--prompt", "map"]) == 2           # an MVoT run takes --example
     assert main(["train", "--preset", "mvot-vq", "--run-dir", str(vq_dir), *small]) == 2   # never overwritten
 
