@@ -12,8 +12,9 @@ step time):
 
 Each arm then answers ``--examples`` held-out test maps, writing its own thoughts greedily
 (neatlm.train.mvot): answer accuracy (overall, and for walks of 2-3 and 4-5 moves), the image
-tokens it wrote at the right place, images written exactly, and the teacher-forced image-token
-accuracy. Prints one table; writes the thoughts of the discrepancy arm on the first test maps
+tokens it wrote at the right place, images written exactly; and with the true earlier tokens given
+(teacher forcing): the answer after the true thoughts, every image token, and the tokens of the
+cells that change from one state to the next (where the agent left and arrived). Prints one table; writes the thoughts of the discrepancy arm on the first test maps
 beside the truth as a PNG (``--figure``).
 """
 
@@ -110,15 +111,17 @@ def main() -> None:
           f"{vq_stats['code_perplexity']:.2f})")
     se = 0.5 / math.sqrt(n)
     print(f"answer accuracy: chance 0.50, standard error at most {se:.3f}")
-    head = (f"| {'arm':<24} | {'steps':>5} | {'train CPU s':>11} | {'val loss':>8} | {'answer acc':>10} | {'2-3 moves':>9} "
-            f"| {'4-5 moves':>9} | {'image tokens (written)':>22} | {'images exact':>12} | {'image tokens (forced)':>21} |")
-    print(head)
-    print("| " + " | ".join("-" * (len(c.strip()) if c.strip() else 3) for c in head.strip("|").split("|")) + " |")
+    cols = ["arm", "steps", "train CPU s", "val loss", "answer acc", "2-3 moves", "4-5 moves",
+            "answer acc, true thoughts given", "image tokens (written)", "images exact", "image tokens (forced)",
+            "changed cells (forced)"]
+    print("| " + " | ".join(cols) + " |")
+    print("| --- |" + " ---: |" * (len(cols) - 1))
     for name, steps, seconds, val, s in rows:
-        img = lambda k: f"{s[k]:.3f}" if k in s else "-"  # noqa: E731
-        print(f"| {name:<24} | {steps:>5} | {seconds:>11.0f} | {val:>8.3f} | {s['answer_acc']:>10.3f} | "
-              f"{s['acc_short']:>9.3f} | {s['acc_long']:>9.3f} | {img('image_token_acc'):>22} | "
-              f"{img('image_exact'):>12} | {img('forced_image_acc'):>21} |")
+        f = lambda k: f"{s[k]:.3f}" if k in s and not math.isnan(s[k]) else "-"  # noqa: E731
+        cells = [name, str(steps), f"{seconds:.0f}", f"{val:.3f}", f("answer_acc"), f("acc_short"), f("acc_long"),
+                 f("forced_answer_acc"), f("image_token_acc"), f("image_exact"), f("forced_image_acc"),
+                 f("forced_changed_acc")]
+        print("| " + " | ".join(cells) + " |")
     if figure_task is not None and figure_thoughts:
         path = write_png(args.figure, thought_grid(figure_task, figure_thoughts))
         print(f"\nvisual thoughts of 'MVoT, CE + discrepancy' on test maps 0-{len(figure_thoughts) - 1}: {path}")

@@ -350,7 +350,8 @@ def test_commands_end_to_end(tmp_path: Path, capsys):
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--task", "mvot", "--examples", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["task"] == "mvot" and 0 <= result["answer_acc"] <= 1 and "image_token_acc" in result
+    assert result["task"] == "mvot" and 0 <= result["answer_acc"] <= 1
+    assert {"image_token_acc", "image_exact", "forced_answer_acc", "forced_image_acc", "forced_changed_acc"} <= set(result)
     assert main(["generate", "--run", str(run), "--example", "1", "--images", str(tmp_path / "png")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("map ") and "[image 0: the start]" in out
@@ -364,7 +365,8 @@ def test_commands_end_to_end(tmp_path: Path, capsys):
                  "--set", "train.batch_size=2", "--set", "train.steps=2", "--set", "train.logits=all"]) == 0
     capsys.readouterr()
     assert main(["eval", "--run", str(text_run), "--task", "mvot", "--examples", "1"]) == 0
-    assert "image_token_acc" not in json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out)
+    assert "image_token_acc" not in result and 0 <= result["forced_answer_acc"] <= 1
     assert main(["generate", "--run", str(run), "--prompt", "map"]) == 2           # an MVoT run takes --example
     assert main(["train", "--preset", "mvot-vq", "--run-dir", str(vq_dir), *small]) == 2   # never overwritten
 

@@ -9,8 +9,9 @@ written its answer line. :func:`mvot_eval` scores many such examples:
   at the same place (its k-th image against the true k-th state; an image of the wrong length
   counts as all wrong), so a wrong early state counts against every later one;
 - ``image_exact``: the fraction of written images equal to the true state's tokens;
-- ``forced_image_acc``: the arg-max accuracy at image-token targets with the true earlier tokens
-  given (teacher forcing): how well the model draws the next state from a correct past.
+- ``forced_*``: arg-max accuracies with the true earlier tokens given (teacher forcing): the
+  answer after the true thoughts, every image token, and the tokens of the cells that change
+  (:func:`forced_scores`): how well the model draws the next state from a correct past.
 
 :func:`thought_grid` lays the written images beside the true ones (decoded by the VQ-VAE) as one
 RGB picture, which ``neat generate --images`` and the benchmark write as PNG.
@@ -91,24 +92,52 @@ def think(model: NeatLM, task: MVoTTask, example: GridExample, temperature: floa
 
 
 @torch.no_grad()
-def forced_image_accuracy(model: NeatLM, task: MVoTTask, split: str, indices: list[int],
-                          batch_size: int = 16) -> float:
-    """Arg-max accuracy at image-token targets, the true earlier tokens given (NaN: no images)."""
-    if task.layout is None:
-        return float("nan")
+def forced_scores(model: NeatLM, task: MVoTTask, split: str, indices: list[int],
+                  batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced arg-max accuracies (the true earlier tokens given):
+
+    - ``forced_answer_acc``: the first letter of the answer (goal/hole), after the true thoughts;
+    - ``forced_image_acc``: every image token of the states after the moves (NaN for a text run);
+    - ``forced_changed_acc``: only the image tokens of cells that differ from the same cell of the
+      state before (where the agent left and where it arrived): what copying cannot get right.
+    """
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    right = total = 0
+    layout, answer = task.layout, list(ANSWER.encode())
+    counts = {"answer": [0, 0], "image": [0, 0], "changed": [0, 0]}
     for i in range(0, len(indices), batch_size):
         x, y = task.batch(split, indices[i:i + batch_size])
         x, y = x.to(device), y.to(device)
-        logits = mask_logits(model(x).logits, x, task.layout)
-        image = task.layout.is_code(y)
-        right += int((logits.argmax(-1)[image] == y[image]).sum())
-        total += int(image.sum())
+        logits = model(x).logits
+        if layout is not None:
+            logits = mask_logits(logits, x, layout)
+        pred = logits.argmax(-1)
+        for b in range(x.shape[0]):
+            row, ok = x[b].tolist(), (pred[b] == y[b]).tolist()
+            for t in range(len(answer) - 1, len(row)):
+                if row[t - len(answer) + 1:t + 1] == answer and int(y[b, t]) >= 0:
+                    counts["answer"][0] += ok[t]
+                    counts["answer"][1] += 1
+            if layout is None:
+                continue
+            starts = [t + 1 for t, v in enumerate(row) if v == layout.boi]           # where each image begins
+            n = task.settings.max_size ** 2
+            for k in range(1, len(starts)):
+                prev, cur = starts[k - 1], starts[k]
+                for j in range(n):
+                    if cur + j >= len(row) or not layout.is_code(torch.tensor(row[cur + j])):
+                        break
+                    hit = ok[cur + j - 1]                                             # the logits before the token
+                    counts["image"][0] += hit
+                    counts["image"][1] += 1
+                    if row[cur + j] != row[prev + j]:
+                        counts["changed"][0] += hit
+                        counts["changed"][1] += 1
     model.train(was)
-    return right / max(total, 1)
+    rate = lambda k: counts[k][0] / counts[k][1] if counts[k][1] else float("nan")  # noqa: E731
+    return {"forced_answer_acc": rate("answer"), "forced_image_acc": rate("image"),
+            "forced_changed_acc": rate("changed")}
 
 
 def image_scores(thought: Thought) -> tuple[int, int, int]:
@@ -135,7 +164,11 @@ def mvot_eval(model: NeatLM, task: MVoTTask, examples: int, split: str = "test",
         images = sum(len(t.truth) - 1 for t in thoughts)
         result["image_token_acc"] = right / max(total, 1)
         result["image_exact"] = exact / max(images, 1)
-        result["forced_image_acc"] = forced_image_accuracy(model, task, split, list(range(start, start + examples)))
+    forced = forced_scores(model, task, split, list(range(start, start + examples)))
+    result["forced_answer_acc"] = forced["forced_answer_acc"]
+    if task.layout is not None:
+        result["forced_image_acc"] = forced["forced_image_acc"]
+        result["forced_changed_acc"] = forced["forced_changed_acc"]
     return result, thoughts
 
 
