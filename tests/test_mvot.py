@@ -148,7 +148,7 @@ def test_vq_files_are_checked(tmp_path: Path):
 
 def _task(vq: VQVAE, thoughts: bool = True) -> MVoTTask:
     layout = TokenLayout(vq.size) if thoughts else None
-    return MVoTTask(SETTINGS, layout, vq if thoughts else None, 232 if thoughts else 64)
+    return MVoTTask(SETTINGS, layout, vq if thoughts else None, 248 if thoughts else 72)
 
 
 def _spans_ok(tokens: list[int], layout: TokenLayout) -> bool:
@@ -323,7 +323,7 @@ def test_bad_mvot_configs_name_the_key(tmp_path: Path):
         load_config("mvot", overrides=["model.vocab_size=256"])
     with pytest.raises(ConfigError, match="mvot.vq_run"):
         load_config("mvot", overrides=["mvot.vq_run="])
-    with pytest.raises(ConfigError, match="train.seq_len \\* train.segments = 128: must be >= 230"):
+    with pytest.raises(ConfigError, match="train.seq_len \\* train.segments = 128: must be >= 244"):
         load_config("mvot", overrides=["train.seq_len=128"])
     with pytest.raises(ConfigError, match="mvot.min_size = 6: must be <= mvot.max_size = 5"):
         load_config("mvot", overrides=["mvot.min_size=6"])

@@ -73,21 +73,29 @@ class GridExample:
 ANSWER = "answer: "
 
 
+def numbered(moves: str) -> str:
+    """``"1L 2U 3D"``: each move after its step number. A thought then starts with the step's
+    number and its move ("2U"), and the model finds the move after the same number in the question
+    (a copy an induction head does), instead of counting letters along the moves."""
+    return " ".join(f"{i}{m}" for i, m in enumerate(moves, 1))
+
+
 def header(ex: "GridExample") -> bytes:
-    """The question as text: the map and the moves (every example's prompt starts with it)."""
+    """The question as text: the map and the numbered moves (every example's prompt starts with it)."""
     n = ex.size
-    return f"map {n}x{n}\n{map_text(ex.grid)}\nmoves {ex.moves}\n".encode()
+    return f"map {n}x{n}\n{map_text(ex.grid)}\nmoves {numbered(ex.moves)}\n".encode()
 
 
 def max_tokens(settings: GridSettings, thoughts: bool) -> int:
     """Input tokens of the longest example of :mod:`neatlm.data.mvot` (a training window must hold
-    it): with ``thoughts``, an image of ``n * n`` tokens between <boi> and <eoi> for the start and
-    after every move."""
+    it): with ``thoughts``, the step number and move, then an image of ``n * n`` tokens between
+    <boi> and <eoi>, after every move, and the image of the start."""
     n, m = settings.max_size, settings.max_moves
-    head = len(f"map {n}x{n}\n") + n * (n + 1) + len("moves ") + m + 1
+    steps = sum(len(str(i)) + 1 for i in range(1, m + 1))              # "1L", "2U", ...
+    head = len(f"map {n}x{n}\n") + n * (n + 1) + len("moves ") + steps + (m - 1) + 1
     if not thoughts:
         return head + len(f"{ANSWER}hole\n") - 1
-    return head + (n * n + 2) * (m + 1) + m + len(f"\n{ANSWER}hole\n") - 1
+    return head + (n * n + 2) * (m + 1) + steps + len(f"\n{ANSWER}hole\n") - 1
 
 
 def map_text(grid: tuple[str, ...]) -> str:

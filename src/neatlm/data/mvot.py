@@ -2,13 +2,13 @@
 
 With thoughts (``mvot.thoughts = true``), one example is::
 
-    map 4x4\\nS..H\\n.H..\\n...H\\nH..G\\nmoves RDD\\n <boi> c c ... c <eoi>       <- the prompt
-    R <boi> c ... c <eoi>  D <boi> ... <eoi>  D <boi> ... <eoi>  \\nanswer: hole\\n  <- generated
+    map 4x4\\nS..H\\n.H..\\n...H\\nH..G\\nmoves 1R 2D 3D\\n <boi> c c ... c <eoi>      <- the prompt
+    1R <boi> c ... c <eoi>  2D <boi> ... <eoi>  3D <boi> ... <eoi>  \\nanswer: hole\\n  <- generated
 
 where ``c`` are the VQ-VAE's image tokens of the rendered state (one per cell, raster order): the
 prompt ends with the image of the initial state (the paper's input image), and the model writes,
-after each move, the image of the state it leads to, then the answer. Without thoughts
-(``mvot-text``) the same example is the prompt's text, then ``answer: hole\\n``. Only what the
+for each step, its number and move and the image of the state it leads to, then the answer.
+Without thoughts (``mvot-text``) the same example is the prompt's text, then ``answer: hole\\n``. Only what the
 model would write is scored (the targets of the prompt are IGNORE_INDEX), and padding after the
 example is neither read as context (it comes after) nor scored.
 
@@ -60,8 +60,8 @@ def example_tokens(ex: GridExample, codes: list[list[int]] | None,
 
     tokens += image(codes[0])
     prompt = len(tokens)
-    for move, ids in zip(ex.moves, codes[1:]):
-        tokens += [ord(move), *image(ids)]
+    for k, (move, ids) in enumerate(zip(ex.moves, codes[1:]), 1):
+        tokens += [*f"{k}{move}".encode(), *image(ids)]
     tokens += list(f"\n{ANSWER}{ex.outcome}\n".encode())
     return tokens, prompt
 
