@@ -14,7 +14,8 @@ Each arm then answers ``--examples`` held-out test maps, writing its own thought
 (neatlm.train.mvot): answer accuracy (overall, and for walks of 2-3 and 4-5 moves), the image
 tokens it wrote at the right place, images written exactly; and with the true earlier tokens given
 (teacher forcing): the answer after the true thoughts, every image token, and the tokens of the
-cells that change from one state to the next (where the agent left and arrived). Prints one table; writes the thoughts of the discrepancy arm on the first test maps
+cells that change from one state to the next (where the agent left and arrived). Prints one
+table; writes the thoughts of the discrepancy arm on the first test maps
 beside the truth as a PNG (``--figure``).
 """
 

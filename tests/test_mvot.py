@@ -198,7 +198,8 @@ def test_the_mask_allows_every_training_target_and_nothing_across_modalities():
     v = torch.arange(layout.vocab_size)
     after_image = allowed_next(torch.tensor([layout.boi, BYTES + 3]), layout)
     after_text = allowed_next(torch.tensor([ord("R"), layout.eoi]), layout)
-    assert torch.equal(after_image[0], layout.is_code(v) | (v == layout.eoi)) and torch.equal(after_image[0], after_image[1])
+    assert torch.equal(after_image[0], layout.is_code(v) | (v == layout.eoi))
+    assert torch.equal(after_image[0], after_image[1])
     assert torch.equal(after_text[0], (v < BYTES) | (v == layout.boi)) and torch.equal(after_text[0], after_text[1])
 
 
@@ -216,7 +217,8 @@ def test_generation_under_the_mask_never_mixes_modalities():
     with torch.no_grad():                  # push the raw model towards the wrong modality everywhere
         model.embed.weight[:BYTES] += 0.5 * model.embed.weight[layout.eoi]
     vq = VQVAE(codebook=16, code_dim=4, channels=8)
-    tokens, prompt = example_tokens(make_example("test", 0, SETTINGS), encode_states(vq, [make_example("test", 0, SETTINGS)])[0], layout)
+    example = make_example("test", 0, SETTINGS)
+    tokens, prompt = example_tokens(example, encode_states(vq, [example])[0], layout)
     for seed in range(3):
         out = generate_masked(model, torch.tensor(tokens[:prompt]), layout, 120, stop=lambda t: False,
                               temperature=1.0, generator=torch.Generator().manual_seed(seed))
@@ -351,7 +353,8 @@ def test_commands_end_to_end(tmp_path: Path, capsys):
     assert main(["eval", "--run", str(run), "--task", "mvot", "--examples", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["task"] == "mvot" and 0 <= result["answer_acc"] <= 1
-    assert {"image_token_acc", "image_exact", "forced_answer_acc", "forced_image_acc", "forced_changed_acc"} <= set(result)
+    assert {"image_token_acc", "image_exact", "forced_answer_acc", "forced_image_acc",
+            "forced_changed_acc"} <= set(result)
     assert main(["generate", "--run", str(run), "--example", "1", "--images", str(tmp_path / "png")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("map ") and "[image 0: the start]" in out

@@ -131,7 +131,8 @@ def walk(grid: tuple[str, ...], start: tuple[int, int], moves: str) -> tuple[lis
     return path, None
 
 
-def _random_map(rng: np.random.Generator, n: int) -> tuple[tuple[str, ...], tuple[int, int]]:
+def random_map(rng: np.random.Generator, n: int) -> tuple[tuple[str, ...], tuple[int, int]]:
+    """(rows, start) of a random ``n x n`` map: a start, a goal and n - 1 to 2n - 2 holes."""
     cells = rng.permutation(n * n)
     holes = int(rng.integers(n - 1, 2 * n - 1))          # 3-6 holes at 4 x 4, 4-8 at 5 x 5
     rows = [["."] * n for _ in range(n)]
@@ -153,7 +154,7 @@ def make_example(split: str, index: int, settings: GridSettings) -> GridExample:
         rng = np.random.default_rng([_SPLIT_SEED, SPLITS.index(split), index, attempt])
         attempt += 1
         n = int(rng.integers(settings.min_size, settings.max_size + 1))
-        grid, start = _random_map(rng, n)
+        grid, start = random_map(rng, n)
         if split_of(grid) != split:
             continue
         for _ in range(200):                                 # walks until one ends the wanted way

@@ -41,8 +41,6 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..settings import check_settings, setting
 
-STRIDE = 4
-
 
 @dataclass
 class VQSettings:

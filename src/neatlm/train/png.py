@@ -25,7 +25,8 @@ def png_bytes(image: np.ndarray) -> bytes:
     h, w, _ = image.shape
     rows = b"".join(b"\x00" + image[r].tobytes() for r in range(h))     # filter type 0 on every row
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)                 # 8-bit truecolour
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows, 9)) + _chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows, 9))
+            + _chunk(b"IEND", b""))
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config, to_toml
-from ..data.gridworld import GridSettings, _random_map, make_example, render, renderings, split_of
+from ..data.gridworld import GridSettings, random_map, make_example, render, renderings, split_of
 from ..errors import NeatError
 from ..nn.vq import META_FILE, VQVAE, codebook_usage, images_to_tensor, save_vq, tensor_to_images
 from .metrics import MetricsWriter
@@ -39,7 +39,7 @@ def training_renders(rng: np.random.Generator, size: int, count: int) -> torch.T
     agent on a random cell of each."""
     images = []
     while len(images) < count:
-        grid, _ = _random_map(rng, size)
+        grid, _ = random_map(rng, size)
         if split_of(grid) != "train":
             continue
         images.append(render(grid, (int(rng.integers(0, size)), int(rng.integers(0, size)))))
@@ -87,8 +87,11 @@ def train_vq(cfg: Config, run_dir: str | Path | None = None) -> dict[str, float]
     torch.manual_seed(t.seed)
     vq = VQVAE(cfg.vq)
     opt = torch.optim.Adam(vq.parameters(), lr=t.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / t.steps))))
+
+    def lr_scale(s: int) -> float:   # linear warmup, then cosine to a tenth
+        return min(1.0, (s + 1) / max(t.warmup_steps, 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / t.steps)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
     rng = np.random.default_rng([cfg.data.seed, 0x76711])
     sizes = list(range(cfg.mvot.min_size, cfg.mvot.max_size + 1))
     val = validation_renders(cfg.mvot)
