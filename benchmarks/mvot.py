@@ -1,6 +1,6 @@
 """MVoT on grid worlds: do visual thoughts help the answer, and does the discrepancy loss help the images?
 
-    python benchmarks/mvot.py [--seconds 300] [--examples 200] [--out /tmp/mvot-bench] [--threads 1]
+    python benchmarks/mvot.py [--seconds 480] [--examples 200] [--out DIR] [--threads 1]
 
 One run: trains the visual codebook (the mvot-vq preset), then three arms of the same model for
 the same training time (CPU seconds) on the same examples (steps = seconds / the arm's measured
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,20 +48,22 @@ ARMS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=300.0,
+    ap.add_argument("--seconds", type=float, default=480.0,
                     help="training time of each arm, in CPU seconds of this process (steps = seconds / the step "
                          "time measured on a few steps), so that other work on the host does not skew the arms")
     ap.add_argument("--examples", type=int, default=200, help="held-out test maps each arm answers")
     ap.add_argument("--probe-steps", type=int, default=5)
     ap.add_argument("--vq-steps", type=int, default=0, help="0 = the mvot-vq preset's")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="/tmp/mvot-bench", help="run directories")
+    ap.add_argument("--out", default=None, help="an empty or new directory for the runs (default: a new temporary one)")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parents[1] / "docs" / "mvot_thoughts.png"))
     ap.add_argument("--figure-examples", type=int, default=6)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mvot-bench-"))
+    if out.exists() and any(out.iterdir()):   # checked now, not when the third arm meets an old run
+        sys.exit(f"--out {out}: not empty; the benchmark writes fresh runs")
     common = ["train.progress=false", "train.device=cpu", "train.precision=fp32", f"train.threads={args.threads}"]
 
     start = time.perf_counter()
