@@ -45,6 +45,8 @@ ARMS = {
     "MVoT, CE + discrepancy": ("mvot", ["mvot.discrepancy_weight=1"]),
 }
 
+KEYS = dict(zip(ARMS, ("text", "ce", "discrepancy")))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -58,7 +60,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="an empty or new directory for the runs (default: a new temporary one)")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parents[1] / "docs" / "mvot_thoughts.png"))
     ap.add_argument("--figure-examples", type=int, default=6)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--arms", default="text,ce,discrepancy",
+                    help="which arms to run, comma-separated (text, ce, discrepancy)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="an override for every arm's training (e.g. train.seed=1 data.seed=1 for another seed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mvot-bench-"))
@@ -75,7 +80,12 @@ def main() -> None:
 
     rows = []
     figure_task = figure_thoughts = None
+    wanted = {w.strip() for w in args.arms.split(",") if w.strip()}
+    if not wanted <= set(KEYS.values()):
+        sys.exit(f"--arms {args.arms}: choose from {', '.join(KEYS.values())}")
     for name, (preset, extra) in ARMS.items():
+        if KEYS[name] not in wanted:
+            continue
         over = [*common, "eval.every=0", f"mvot.vq_run={vq_dir}", *extra, *args.overrides]
         if preset == "mvot-text":
             over.remove(f"mvot.vq_run={vq_dir}")
