@@ -176,6 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             _check_writable_dir("--run-dir", args.run_dir)
         else:
             _check_writable_dir("train.run_dir =", cfg.train.run_dir)
+        if cfg.data.task == "mvot-vq":
+            return _train_codebook(cfg, args.run_dir)
         trainer = Trainer(cfg, run_dir=args.run_dir)
     from .train.blt_setup import describe_blt
     from .train.distributed import shutdown
@@ -201,6 +203,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_codebook(cfg, run_dir: str | None) -> int:
+    """``neat train --preset mvot-vq``: the visual codebook of MVoT, a VQ-VAE with its own short loop."""
+    from .train.vq import train_vq
+
+    where = run_dir or cfg.train.run_dir
+    print(f"neat: VQ-VAE of {cfg.vq.codebook} codes on grid renderings ({cfg.mvot.min_size}x{cfg.mvot.min_size} to "
+          f"{cfg.mvot.max_size}x{cfg.mvot.max_size} maps); run dir {where}", file=sys.stderr)
+    result = train_vq(cfg, run_dir)
+    print(json.dumps({"step": cfg.train.steps, **{k: round(v, 6) for k, v in result.items()}}))
+    return 0
+
+
 def _load_run(run: str):
     """Model and config from a run directory or a checkpoint directory (``--run``)."""
     from .config import from_dict
@@ -221,19 +235,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .nn.model import generate
 
     if args.adapt:
+        args.prompt = "def " if args.prompt is None else args.prompt
         model = _adapted_for_prompt(args)
     else:
         _no_adapt_flags(args)
-        model, _ = _load_run(args.run)
+        model, cfg = _load_run(args.run)
+        if cfg.data.task == "mvot":
+            return _mvot_generate(model, cfg, args)
+    if args.images is not None or args.example is not None:
+        raise NeatError("--images and --example go with a run of data.task = 'mvot' (visual thoughts)")
+    args.prompt = "def " if args.prompt is None else args.prompt
+    temperature = 0.8 if args.temperature is None else args.temperature
     prompt = torch.tensor(list(args.prompt.encode("utf-8")) or [10], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    out = generate(model, prompt, args.max_bytes, args.temperature, args.top_k, gen)
+    out = generate(model, prompt, args.max_bytes, temperature, args.top_k, gen)
     seconds = time.perf_counter() - start
     sys.stdout.write(args.prompt + bytes(out.tolist()).decode("utf-8", errors="replace") + "\n")
     per_byte = f", {seconds * 1e3 / len(out):.1f} ms per byte" if len(out) else ""
     print(f"neat: {len(out)} bytes in {seconds:.2f} s{per_byte} (the {prompt.numel()}-byte prompt read once, "
           "then one byte per step)", file=sys.stderr)
+    return 0
+
+
+def _mvot_generate(model, cfg, args: argparse.Namespace) -> int:
+    """``neat generate`` of an MVoT run: held-out test example ``--example`` is the prompt; the model
+    writes its visual thoughts and answer; ``--images DIR`` writes them as PNG beside the truth."""
+    import torch
+
+    from .data.gridworld import header, make_example
+    from .data.mvot import load_task
+    from .train.mvot import decode_images, think, thought_grid
+    from .train.png import write_png
+
+    if args.prompt is not None:
+        raise NeatError("--prompt: an MVoT run answers grid-world questions; choose one with --example N "
+                        "(a held-out test map)")
+    out_dir = _check_writable_dir("--images", args.images) if args.images is not None else None
+    task = load_task(cfg.mvot, cfg.vq, cfg.train.seq_len * cfg.train.segments)
+    example = make_example("test", args.example or 0, cfg.mvot)
+    gen = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    thought = think(model, task, example, temperature=0.0 if args.temperature is None else args.temperature,
+                    generator=gen)
+    seconds = time.perf_counter() - start
+    text = thought.text
+    if out_dir is not None and task.vq is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        truth, made = decode_images(task, thought)
+        write_png(out_dir / "start.png", truth[0])
+        for k, img in enumerate(made, 1):
+            if img is not None:
+                text = text.replace(f"[image {k}]", f"[image {k}: {out_dir / f'thought_{k}.png'}]", 1)
+                write_png(out_dir / f"thought_{k}.png", img)
+        for k, img in enumerate(truth[1:], 1):
+            write_png(out_dir / f"truth_{k}.png", img)
+        write_png(out_dir / "grid.png", thought_grid(task, [thought]))
+    start_image = "[image 0: the start]" if task.vq is not None else ""
+    sys.stdout.write(header(example).decode() + start_image + text + ("" if text.endswith("\n") else "\n"))
+    where = f"; PNGs in {out_dir} (grid.png: truth above, written below)" if out_dir is not None and task.vq else ""
+    print(f"neat: test example {args.example or 0}: answer {thought.answer!r}, truth {example.outcome!r}; "
+          f"{len(thought.images)} images written in {seconds:.2f} s{where}", file=sys.stderr)
+    return 0
+
+
+def _mvot_eval(model, cfg, args: argparse.Namespace) -> int:
+    """``neat eval --task mvot``: answers (and visual thoughts) written for held-out test maps."""
+    from .data.mvot import load_task
+    from .train.mvot import mvot_eval
+
+    if cfg.data.task != "mvot":
+        raise NeatError(f"--task mvot asks grid-world questions of an MVoT run; this run's data.task is "
+                        f"{cfg.data.task!r}")
+    task = load_task(cfg.mvot, cfg.vq, cfg.train.seq_len * cfg.train.segments)
+    result, _ = mvot_eval(model, task, args.examples, split="test")
+    print(json.dumps({"task": "mvot", "thoughts": cfg.mvot.thoughts,
+                      **{k: round(v, 4) for k, v in result.items()}}))
     return 0
 
 
@@ -249,6 +326,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = _load_run(args.run)
     if args.task == "passkey":
         return _passkey_eval(model, cfg, args)
+    if args.task == "mvot":
+        return _mvot_eval(model, cfg, args)
     if args.stream:
         return _stream_eval(model, cfg, args)
     if args.task:
@@ -258,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(hw.device)
     data = build_data(cfg)
     batches = data.validation(args.batches or cfg.eval.batches)
-    result = evaluate(model, batches, cfg.train.segments, hw.device, accuracy=data.scores_accuracy)
+    result = evaluate(model, batches, cfg.train.segments, hw.device, accuracy=data.scores_accuracy, mask=data.mask)
     print(json.dumps({"task": data.task, **{k: round(v, 4) for k, v in result.items()}}))
     return 0
 
@@ -516,9 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample bytes from a trained run")
     p.add_argument("--run", type=_text, required=True, metavar="RUN_DIR")
-    p.add_argument("--prompt", type=_text, default="def ", help="UTF-8 text")
+    p.add_argument("--prompt", type=_text, default=None, help="UTF-8 text (default: 'def ')")
     p.add_argument("--max-bytes", type=_count, default=200, help="bytes to sample (>= 0)")
-    p.add_argument("--temperature", type=_finite_float(0.0, inclusive=True), default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=_finite_float(0.0, inclusive=True), default=None,
+                   help="0 = greedy (default: 0.8; an MVoT run: 0)")
+    p.add_argument("--example", type=_count, default=None,
+                   help="an MVoT run: the held-out test example to answer (default 0)")
+    p.add_argument("--images", type=_text, default=None, metavar="DIR",
+                   help="an MVoT run: write the visual thoughts it generates (decoded by its VQ-VAE) as PNG "
+                        "into DIR, beside the true states")
     p.add_argument("--top-k", type=_count, default=0, help="0 = no top-k filtering")
     p.add_argument("--seed", type=_seed, default=0)
     _add_adapt_args(p, ("expert", "cem", "classifier"))
@@ -527,12 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation bits per byte of a trained run")
     p.add_argument("--run", type=_text, required=True, metavar="RUN_DIR")
     p.add_argument("--batches", type=_count, default=0, help="0 = eval.batches of the run's config")
-    p.add_argument("--task", choices=("text", "mqar", "passkey"), default=None,
+    p.add_argument("--task", choices=("text", "mqar", "passkey", "mvot"), default=None,
                    help="text: validation bits per byte; mqar: query accuracy; passkey: retrieval accuracy "
-                        "at --lengths (default: the run's task; a passkey run then reports val_acc, the fraction "
+                        "at --lengths; mvot: answer accuracy (and image-token accuracy) on --examples held-out "
+                        "grid-world maps, thoughts written by the model (default: the run's task; a passkey run then reports val_acc, the fraction "
                         "of answer digits right, on its validation examples)")
     p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="with --task passkey")
-    p.add_argument("--examples", type=_positive, default=20, help="with --task passkey: examples per length")
+    p.add_argument("--examples", type=_positive, default=20,
+                   help="with --task passkey: examples per length; with --task mvot: test examples")
     p.add_argument("--stream", action="store_true",
                    help="read every held-out file whole with state carried; bits per byte by position in the "
                         "file, beside zlib/bz2/xz")

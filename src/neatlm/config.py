@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
+from .data.gridworld import GridSettings, max_tokens
 from .data.passkey import min_length
 from .grad.components import parse_components
 from .grad.guard import GuardConfig
 from .nn.blt.settings import BLTSettings
 from .nn.memory import MemorySettings, memory_shapes, training_footprint
+from .nn.vq import VQSettings
 from .settings import ConfigError, check_settings, coerce, field_type, setting, type_name
 
 if sys.version_info >= (3, 11):
@@ -94,8 +96,10 @@ class DataConfig:
                        "through one unbroken stream per row)", choices=("random", "stream"))
     task: str = _f("text", "text = next byte of the corpus; mqar = multi-query associative recall; passkey = "
                    "recall a 5-digit key hidden at a random depth of corpus text (one example per training window "
-                   "of train.seq_len * train.segments bytes; only the answer digits are scored)",
-                   choices=("text", "mqar", "passkey"))
+                   "of train.seq_len * train.segments bytes; only the answer digits are scored); mvot = grid-world "
+                   "questions answered with or without visual thoughts (see [mvot]); mvot-vq = train the visual "
+                   "codebook (a VQ-VAE, see [vq]) on the grid renderings",
+                   choices=("text", "mqar", "passkey", "mvot", "mvot-vq"))
     passkey_depth: str = _f("uniform", "where a training or validation passkey needle sits: uniform = any depth "
                             "(RULER); log = its distance to the question log-uniform, so some examples fall within a "
                             "short attention window (a curriculum from copying to remembering); the benchmark and "
@@ -193,6 +197,19 @@ class AdaptConfig:
 
 
 @dataclass
+class MVoTConfig(GridSettings):
+    """[mvot]: the grid-world task (:class:`neatlm.data.gridworld.GridSettings`) plus how an MVoT
+    run uses images (docs/mvot.md)."""
+
+    thoughts: bool = _f(True, "interleave visual thoughts: after each move the model writes the image tokens "
+                        "of the state it leads to, then the answer; false = the answer right after the question")
+    discrepancy_weight: float = _f(1.0, "weight of the token-discrepancy loss at image-token targets (0 = "
+                                   "cross-entropy only)", min=0.0)
+    vq_run: str = _f("", "run directory of the trained visual codebook (`neat train --preset mvot-vq`); "
+                     "needed with thoughts = true")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -206,6 +223,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     blt: BLTSettings = field(default_factory=BLTSettings)
+    vq: VQSettings = field(default_factory=VQSettings)
+    mvot: MVoTConfig = field(default_factory=MVoTConfig)
     # [components.<name>] tables for neatlm.grad.components.parse_components; empty = one
     # AdamW component "all" configured from [train]
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -433,6 +452,30 @@ def _check_memory_size(cfg: Config) -> None:
     log.warning("warning: %s, more than half of the %.1f GB limit (%s); %s", what, cap / GB, source, knobs)
 
 
+def _check_mvot(cfg: Config) -> None:
+    """An MVoT run: the vocabulary holds the codebook, the window holds the longest example."""
+    mv, m, t = cfg.mvot, cfg.model, cfg.train
+    if mv.min_size > mv.max_size:
+        raise ConfigError(f"mvot.min_size = {mv.min_size}: must be <= mvot.max_size = {mv.max_size}")
+    if mv.min_moves > mv.max_moves:
+        raise ConfigError(f"mvot.min_moves = {mv.min_moves}: must be <= mvot.max_moves = {mv.max_moves}")
+    if mv.thoughts:
+        want = 256 + cfg.vq.codebook + 2
+        if m.vocab_size != want:
+            raise ConfigError(f"model.vocab_size = {m.vocab_size}: must be 256 + vq.codebook + 2 = {want} with "
+                              "mvot.thoughts = true (bytes, image tokens, <boi>, <eoi>)")
+        if not mv.vq_run:
+            raise ConfigError("mvot.vq_run: name the run directory of the visual codebook (`neat train --preset "
+                              "mvot-vq --run-dir DIR`) with mvot.thoughts = true")
+    elif m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size = {m.vocab_size}: must be >= 256 (bytes) with data.task = 'mvot'")
+    need = max_tokens(mv, mv.thoughts)
+    if t.seq_len * t.segments < need:
+        raise ConfigError(f"train.seq_len * train.segments = {t.seq_len * t.segments}: must be >= {need} with "
+                          f"data.task = 'mvot' (the longest example: a {mv.max_size}x{mv.max_size} map, "
+                          f"{mv.max_moves} moves{', with an image after each' if mv.thoughts else ''})")
+
+
 def validate(cfg: Config, *, check_size: bool = True) -> None:
     """Raise :class:`ConfigError` on the first invalid value (types, ranges, cross-field rules).
 
@@ -510,6 +553,8 @@ def validate(cfg: Config, *, check_size: bool = True) -> None:
             raise ConfigError(f"train.seq_len * train.segments = {t.seq_len} * {t.segments} = {window}: must be >= "
                               f"{min_length(questions=d.passkey_questions)} with data.task = 'passkey' (each "
                               "training window is one example: the needle, the questions and the five-digit answers)")
+    if d.task == "mvot":
+        _check_mvot(cfg)
     if not [p for p in cfg.adapt.patterns.split(",") if p.strip()]:
         raise ConfigError(f"adapt.patterns = {cfg.adapt.patterns!r}: name at least one linear layer pattern, "
                           "e.g. '*.mlp.down'")

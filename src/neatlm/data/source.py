@@ -15,20 +15,30 @@ the data is loaded, not at the first evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..config import Config, DataConfig
 from ..errors import DataError
+from ..nn.loss import lm_loss
+from ..nn.mvot import MVoTLoss
 from .corpus import BatchSampler, Corpus, StreamSampler, load_corpus, validation_batches
+from .mvot import MVoTSampler, MVoTTask, load_task
 from .passkey import PasskeySampler, passkey_batch
 from .synthetic import MQARSampler, mqar_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 VALIDATION_SEED = 987_654_321  # MQAR and passkey validation sequences never coincide with training ones
-ACCURACY_TASKS = ("mqar", "passkey")  # tasks whose validation also reports val_acc (arg-max accuracy)
+ACCURACY_TASKS = ("mqar", "passkey", "mvot")  # tasks whose validation also reports val_acc (arg-max accuracy)
+# a task's training loss: (logits, targets, inputs) aligned -> summed over the scored targets
+TaskLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The loss of every task but MVoT: summed cross-entropy of the scored targets."""
+    return lm_loss(logits, targets, reduction="sum")
 
 
 @dataclass
@@ -37,6 +47,11 @@ class DataSource:
     sampler: BatchSampler | StreamSampler | MQARSampler | PasskeySampler  # each a PositionedSampler
     corpus: Corpus | None
     cfg: Config
+    # chosen once from the config: the training loss, and what validation does to the logits
+    # before scoring them (MVoT: the modality mask; None: nothing)
+    loss: TaskLoss = next_token_loss
+    mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    mvot: MVoTTask | None = None
 
     def describe(self) -> str:
         if self.corpus is not None:
@@ -45,6 +60,12 @@ class DataSource:
             if self.task == "passkey":
                 return f"passkey retrieval, {self.window}-byte examples hidden in {text}"
             return text
+        if self.mvot is not None:
+            mv = self.mvot.settings
+            kind = (f"visual thoughts of {self.mvot.layout.codebook} codes" if self.mvot.layout
+                    else "text only, no images")
+            return (f"MVoT grid worlds ({mv.min_size}x{mv.min_size} to {mv.max_size}x{mv.max_size}, "
+                    f"{mv.min_moves}-{mv.max_moves} moves, {kind}, {self.mvot.length}-token windows)")
         d = self.cfg.data
         return (f"MQAR ({d.mqar_pairs} pairs, {d.mqar_queries or d.mqar_pairs} queries, seq_len "
                 f"{self.cfg.train.seq_len}, {_gaps_text(d)} gaps, vocab {self.cfg.model.vocab_size})")
@@ -74,6 +95,10 @@ class DataSource:
                 yield passkey_batch(self.corpus.val, t.batch_size, self.window, seed=VALIDATION_SEED + i,
                                     depth=self.cfg.data.passkey_depth, questions=self.cfg.data.passkey_questions)
             return
+        if self.mvot is not None:
+            for i in range(n_batches):  # the first validation examples: the same for every evaluation
+                yield self.mvot.batch("validation", list(range(i * t.batch_size, (i + 1) * t.batch_size)))
+            return
         if self.corpus is not None:
             yield from validation_batches(self.corpus.val, t.batch_size, self.window, n_batches)
             return
@@ -95,6 +120,15 @@ def build_data(cfg: Config) -> DataSource:
         sampler = MQARSampler(t.batch_size, window, d.mqar_pairs, cfg.model.vocab_size, d.mqar_queries or None,
                               d.seed, gaps=d.mqar_gaps, power_a=d.mqar_power_a)
         return DataSource("mqar", sampler, None, cfg)
+    if d.task == "mvot":
+        task = load_task(cfg.mvot, cfg.vq, window)
+        loss = MVoTLoss(task.layout, task.vq.distances() if task.vq is not None else None,
+                        cfg.mvot.discrepancy_weight)
+        return DataSource("mvot", MVoTSampler(task, t.batch_size, d.seed), None, cfg, loss=loss,
+                          mask=loss.mask if task.layout is not None else None, mvot=task)
+    if d.task == "mvot-vq":
+        raise DataError("data.task = 'mvot-vq' trains the visual codebook, not a language model: run it with "
+                        "`neat train --preset mvot-vq`")
     corpus = load_corpus(d)
     if d.task == "passkey":
         return _passkey_data(corpus, cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import ContextManager, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 
@@ -22,8 +22,12 @@ from .state_io import detach_state
 
 @torch.no_grad()
 def evaluate(model: NeatLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], segments: int,
-             device: torch.device, autocast: ContextManager | None = None, accuracy: bool = False) -> dict[str, float]:
+             device: torch.device, autocast: ContextManager | None = None, accuracy: bool = False,
+             mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """{"val_loss": nats per scored token, "val_bpb": bits per byte[, "val_acc": arg-max accuracy]}.
+
+    ``mask(logits, inputs)``: what the task does to the logits before they are scored (MVoT: the
+    modality mask); None scores them as they are.
 
     Test-time learning still runs here (no_grad only skips the graph).
     """
@@ -36,6 +40,8 @@ def evaluate(model: NeatLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
         for xs, ys in zip(x.chunk(segments, dim=1), y.chunk(segments, dim=1)):
             with autocast or nullcontext():
                 logits, state, _, _ = model(xs, state)
+            if mask is not None:
+                logits = mask(logits, xs)
             state = detach_state(state)
             hits, scored = argmax_hits(logits, ys)
             if scored:

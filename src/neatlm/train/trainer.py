@@ -196,6 +196,7 @@ class Trainer:
         self.rows = self.dist.rows(t.batch_size)
         self.row_count = self.rows.stop - self.rows.start   # this process's rows of a drawn batch
         self.data = build_data(cfg)
+        self.loss_fn = self.data.loss   # the task's loss, chosen once (MVoT: modality mask + discrepancy)
         torch.manual_seed(t.seed)
         # a new BLT run reads its entropy model's shape and weights (a resumed one has them)
         new_blt = cfg.blt.enabled and _resume_from is None
@@ -392,7 +393,8 @@ class Trainer:
             mask = ys != IGNORE_INDEX if self.cfg.train.logits == "scored" else None
             with self.hw.autocast(), self.kernels():
                 out = self.model(xs, state, ttl, scored=mask, carry=carry)
-                loss_sum = lm_loss(out.logits, ys if mask is None else ys[mask], reduction="sum")
+                sel = (lambda v: v) if mask is None else (lambda v: v[mask])  # noqa: E731
+                loss_sum = self.loss_fn(out.logits, sel(ys), sel(xs))
                 objective = self.objective.term(loss_sum, scored, out.aux_loss)
             self.coord.backward(objective)
             state = detach_state(out.state)
@@ -564,7 +566,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.validation(self.cfg.eval.batches), self.cfg.train.segments,
-                        self.hw.device, self.hw.autocast(), accuracy=self.data.scores_accuracy)
+                        self.hw.device, self.hw.autocast(), accuracy=self.data.scores_accuracy, mask=self.data.mask)
 
     def _stop_requested(self, stop: _StopRequests) -> bool:
         """Whether a signal asked to stop; under torchrun, whether any process got one (all stop together)."""
