@@ -27,10 +27,12 @@ def test_a_candidate_must_beat_the_defaults_by_five_percent():
     default = (2, DEFAULT)
     near = {label(1, DEFAULT): 0.97, label(2, DEFAULT): 1.0, label(2, "math"): 1.2}
     assert (choose(near, candidates, default).threads, choose(near, candidates, default).attention) == default
+    assert "the best other, threads=1 attention=default, took 0.97x their time" in choose(
+        near, candidates, default).describe()
     far = {**near, label(2, "math"): 0.8}
     chosen = choose(far, candidates, default)
     assert (chosen.threads, chosen.attention) == (2, "math") and chosen.baseline == label(*default)
-    assert "+25% vs the defaults" in chosen.describe()
+    assert "+25% faster than the defaults" in chosen.describe()
 
 
 def test_a_one_core_machine_tunes_only_the_attention(monkeypatch):

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,9 +65,18 @@ class Tuning:
         torch.set_num_threads(self.threads)
 
     def describe(self) -> str:
-        chosen, default = self.timings.get(label(self.threads, self.attention)), self.timings.get(self.baseline)
-        gain = f" ({default / chosen - 1:+.0%} vs the defaults, {self.baseline})" if chosen and default else ""
-        return f"threads {self.threads}, attention {self.attention}{gain}"
+        here = label(self.threads, self.attention)
+        chosen, default = self.timings.get(here), self.timings.get(self.baseline)
+        note = ""
+        if chosen and default and here != self.baseline:
+            note = f" ({default / chosen - 1:+.0%} faster than the defaults, {self.baseline})"
+        elif chosen:
+            others = {k: v for k, v in self.timings.items() if k != here and math.isfinite(v)}
+            if others:
+                runner = min(others, key=others.get)
+                note = (f" (the defaults kept: nothing was {MIN_GAIN:.0%} faster; the best other, {runner}, took "
+                        f"{others[runner] / chosen:.2f}x their time)")
+        return f"threads {self.threads}, attention {self.attention}{note}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
