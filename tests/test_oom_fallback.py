@@ -330,3 +330,22 @@ def test_a_budget_the_whole_batch_meets_keeps_it(corpus_dir, tmp_path, one_threa
     cfg.checkpointing.memory_budget_mb = 1024.0
     trainer = Trainer(cfg)
     assert trainer.micro_batch == 4 and trainer.progress.micro_batch == 0 and "micro-batch" not in trainer.checkpointing
+
+
+def test_a_budget_from_free_memory_plans_like_the_same_size_in_mib(corpus_dir, tmp_path, one_thread, monkeypatch):
+    import neatlm.train.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "device_memory", lambda device: (2**30, 2**20))   # 1 MiB free
+    cfg = config(corpus_dir, tmp_path / "free", "sequence")
+    cfg.checkpointing.memory_budget_free = 0.5
+    by_fraction = Trainer(cfg)
+    same = config(corpus_dir, tmp_path / "mib", "sequence")
+    same.checkpointing.memory_budget_mb = 0.5
+    by_size = Trainer(same)
+    assert by_fraction.micro_batch == by_size.micro_batch
+    assert by_fraction.checkpointing.startswith(by_size.checkpointing.split(";")[0])
+    assert "(0.5 of 0.0 GiB free)" in by_fraction.checkpointing
+    monkeypatch.setattr(trainer_module, "device_memory", lambda device: (None, None))
+    unknown = config(corpus_dir, tmp_path / "unknown", "sequence")
+    unknown.checkpointing.memory_budget_free = 0.5
+    with pytest.raises(NeatError, match="checkpointing.memory_budget_free"):
+        Trainer(unknown)

@@ -162,6 +162,9 @@ class CheckpointingConfig:
     memory_budget_mb: float = _f(0.0, "> 0: choose the cheapest policies whose measured saved activations "
                                  "fit this many MiB (overrides policy); if even full checkpointing does not "
                                  "fit, halve the micro-batch (the global batch kept) until it does", min=0.0)
+    memory_budget_free: float = _f(0.0, "> 0: the activation budget is this fraction of the memory free on the "
+                                   "training device when the run starts (host memory on a CPU; overrides "
+                                   "memory_budget_mb)", min=0.0, max=1.0)
     units: str = _f("blocks", "what a policy applies to: whole blocks, or each component inside a block",
                     choices=("blocks", "components"))
 

@@ -50,6 +50,7 @@ from ..grad.checkpointing import apply_checkpointing, choose_checkpointing, comp
 from ..grad.components import ComponentSpec, default_components, parse_components, train_defaults
 from ..grad.coordinator import GradientCoordinator
 from ..hardware import ProbeShape, detect
+from ..hw_profile import device_memory
 from ..nn.loss import IGNORE_INDEX, lm_loss, scored_count
 from ..nn.memory import TTLControl
 from ..nn.build import build_model
@@ -540,12 +541,20 @@ class Trainer:
         fallback) and the policies are chosen again, down to one row."""
         c, t = self.cfg.checkpointing, self.cfg.train
         units = component_units(self.model, specs) if c.units == "components" else None
-        if c.memory_budget_mb > 0:
+        budget_mb, source = c.memory_budget_mb, ""
+        if c.memory_budget_free > 0:
+            free = device_memory(self.hw.device)[1]
+            if free is None:
+                raise NeatError(f"checkpointing.memory_budget_free = {c.memory_budget_free:g}: the free memory of "
+                                f"{self.hw.device} cannot be read here; set checkpointing.memory_budget_mb instead")
+            budget_mb = c.memory_budget_free * free / 2**20
+            source = f" ({c.memory_budget_free:g} of {free / 2**30:.1f} GiB free)"
+        if budget_mb > 0:
             # the probe needs only the shape of a training segment: a validation batch cut to it,
             # so the training stream is never read
             x, y = next(self.data.validation(1))
             x, y = x[self.rows, :t.seq_len].to(self.hw.device), y[self.rows, :t.seq_len].to(self.hw.device)
-            budget, rows, why = int(c.memory_budget_mb * 2**20), x.shape[0], ""
+            budget, rows, why = int(budget_mb * 2**20), x.shape[0], ""
             while True:
                 def probe(model: torch.nn.Module, n: int = rows) -> torch.Tensor:
                     with self.hw.autocast():
@@ -558,7 +567,7 @@ class Trainer:
                        f"at {rows} rows saved {plan.measured_bytes / 2**20:.1f} MiB")
                 rows = (rows + 1) // 2
             plan.apply(self.model)
-            return plan.summary() + why, (rows if rows < x.shape[0] else 0)
+            return plan.summary() + source + why, (rows if rows < x.shape[0] else 0)
         if c.policy == "none":
             return "checkpointing: none", 0
         applied = apply_checkpointing(self.model, c.policy, module_filter=list(units) if units else None)
