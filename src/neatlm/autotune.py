@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .hw_profile import SDPA_BACKENDS, cache_dir, cpu_cores, identify, sdpa_backends
+from .hw_profile import SDPA_BACKENDS, cache_dir, cpu_cores, identify, sdpa_backends, write_json_atomic
 
 log = logging.getLogger("neatlm.autotune")
 
@@ -167,10 +166,7 @@ def cached_or_tuned(step: Callable[[], None], device: torch.device, tune_threads
         pass
     tuning = tune(step, device, tune_threads)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(tuning.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, tuning.to_dict())
     except OSError as exc:
         log.warning("warning: the autotune cache %s cannot be written (%s)", path.parent, exc.strerror or exc)
     return tuning, False

@@ -359,14 +359,20 @@ def read_cached(path: Path, fingerprint: str) -> MachineProfile | None:
     return profile
 
 
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file renamed over it, so a reader never
+    sees half a file (raises OSError when the directory cannot be created or written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save(profile: MachineProfile, path: Path) -> bool:
-    """Write ``path`` atomically (a temporary file renamed over it); warn once and return False when
-    the directory cannot be created or written."""
+    """Write ``path`` atomically; warn once and return False when the directory cannot be created
+    or written."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(profile.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, profile.to_dict())
     except OSError as exc:
         _warn_once(path.parent, exc.strerror or type(exc).__name__)
         return False

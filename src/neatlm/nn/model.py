@@ -146,6 +146,24 @@ class Block(nn.Module):
         return x + y, state, aux
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, state: ModelState | None,
+               ttl: TTLControl) -> tuple[Tensor, ModelState, Tensor | None, dict[str, Tensor]]:
+    """``x`` through ``blocks`` in order, each with its carried state: (x, the new states, the summed
+    auxiliary losses or None, the memories' statistics keyed ``ttl/layer<i>/<name>``)."""
+    states = state if state is not None else [None] * len(blocks)
+    new_states: ModelState = []
+    aux_terms: list[Tensor] = []
+    stats: dict[str, Tensor] = {}
+    for i, (block, s) in enumerate(zip(blocks, states)):
+        x, s, aux = block(x, s, ttl)
+        new_states.append(s)
+        if aux is not None:
+            aux_terms.append(aux)
+        if isinstance(s, MemoryMixerState):
+            stats.update({f"ttl/layer{i}/{k}": v for k, v in s.memory.stats.items()})
+    return x, new_states, torch.stack(aux_terms).sum() if aux_terms else None, stats
+
+
 class NeatLM(nn.Module):
     """``out = model(idx, state=None, ttl=TTLControl())`` for byte ids ``idx`` of shape (batch, time);
     ``out`` is a :class:`ModelOutput` (logits, state, aux_loss, stats).
@@ -176,19 +194,7 @@ class NeatLM(nn.Module):
     def features(self, idx: Tensor, state: ModelState | None = None, ttl: TTLControl = TTLControl()) -> Features:
         """The model without its output head: the normalised final hidden states, which a head
         other than next-byte prediction reads (the classifier of two-pass adaptation pools them)."""
-        x = self.embed(idx)                                   # (B, T, dim)
-        states = state if state is not None else [None] * len(self.blocks)
-        new_states: ModelState = []
-        aux_terms: list[Tensor] = []
-        stats: dict[str, Tensor] = {}
-        for i, (block, s) in enumerate(zip(self.blocks, states)):
-            x, s, aux = block(x, s, ttl)
-            new_states.append(s)
-            if aux is not None:
-                aux_terms.append(aux)
-            if isinstance(s, MemoryMixerState):
-                stats.update({f"ttl/layer{i}/{k}": v for k, v in s.memory.stats.items()})
-        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        x, new_states, aux_loss, stats = run_blocks(self.blocks, self.embed(idx), state, ttl)
         return Features(self.norm(x), new_states, aux_loss, stats)
 
     def num_params(self) -> int:

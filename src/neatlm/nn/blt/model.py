@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from ...config import Config
 from ..memory import TTLControl
-from ..memory_mixer import MemoryMixerState
-from ..model import Block, ModelOutput, NeatLM, residual_scale, swiglu_hidden
+from ..model import Block, ModelOutput, NeatLM, residual_scale, run_blocks, swiglu_hidden
 from ..state_tree import map_tensors, merge_tensors
 from .hashing import HashNgramEmbedding
 from .local import PatchPooler, PatchReader
@@ -269,16 +268,7 @@ class BLTModel(nn.Module):
 
     def _run_global(self, x: Tensor, state: list | None, ttl: TTLControl
                     ) -> tuple[Tensor, list, Tensor | None, dict[str, Tensor]]:
-        states = state if state is not None else [None] * len(self.blocks)
-        new_states, aux_terms, stats = [], [], {}
-        for i, (block, s) in enumerate(zip(self.blocks, states)):
-            x, s, aux = block(x, s, ttl)
-            new_states.append(s)
-            if aux is not None:
-                aux_terms.append(aux)
-            if isinstance(s, MemoryMixerState):
-                stats.update({f"ttl/layer{i}/{k}": v for k, v in s.memory.stats.items()})
-        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        x, new_states, aux_loss, stats = run_blocks(self.blocks, x, state, ttl)
         return self.global_norm(x), new_states, aux_loss, stats
 
     # ------------------------------------------------------------------ accounting
