@@ -20,6 +20,7 @@ from neatlm.nn.blt.hashing import ngram_hashes
 from neatlm.nn.blt.model import BLTModel
 from neatlm.nn.blt.patching import PatchCursor, average_patch, entropy_of, measured_threshold, patch_starts
 from neatlm.nn.build import build_model
+from neatlm.nn.memory import TTLControl
 from neatlm.settings import ConfigError
 from neatlm.train.state_io import flatten_state, unflatten_state
 from neatlm.train.trainer import Trainer
@@ -315,3 +316,25 @@ def test_grouped_global_batches_equal_one_padded_batch():
         grouped = model(x, carry=False).logits
         carried = model(x).logits                 # rows apart, each with its own global state
     assert torch.allclose(grouped, carried, atol=1e-5)
+
+
+def test_a_global_model_with_test_time_memory_carries_state_exactly():
+    cfg = Config()
+    cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.window = 32, 1, 2, 8
+    cfg.memory.enabled, cfg.memory.heads, cfg.memory.chunk_size = True, 2, 4
+    b = cfg.blt
+    b.enabled, b.entropy_dim, b.entropy_layers, b.entropy_heads, b.entropy_window = True, 16, 1, 2, 8
+    b.local_dim, b.local_heads, b.local_window, b.max_patch, b.hash_buckets = 16, 2, 8, 3, 64
+    b.patcher, b.stride = "stride", 2
+    validate(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.randint(0, 256, (2, 41), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        whole = model(x)
+        state, pieces = None, []
+        for a, c in ((0, 7), (7, 8), (8, 30), (30, 41)):
+            out = model(x[:, a:c], state)
+            state, _ = out.state, pieces.append(out.logits)
+    assert torch.allclose(torch.cat(pieces, dim=1), whole.logits, atol=1e-5)
+    assert any(k.startswith("ttl/") for k in model(x, ttl=TTLControl(collect_stats=True)).stats)
