@@ -134,6 +134,7 @@ class BLTModel(nn.Module):
         run = torch.zeros(B, dtype=torch.long, device=idx.device) if cursor is None else cursor.run
         open_bytes = (h.new_zeros(B, b.max_patch - 1, b.local_dim) if state is None else state.open_bytes)
         patches, done = self._complete_patches(h, open_bytes, run, starts, ends)
+        patches = patches.to(self.bos.dtype)   # the global residual stream in the weights' dtype, as NeatLM's
 
         g, global_state, seen, aux, stats = self._global(
             patches, done, None if state is None else state.global_state,
