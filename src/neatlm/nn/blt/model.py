@@ -193,6 +193,10 @@ class BLTModel(nn.Module):
         most any row completes, and how many each row completes (B,)."""
         b = self.settings
         B, T, d = h.shape
+        done = ends.sum(dim=1)
+        P = int(done.max()) if B else 0
+        if P == 0:      # most one-byte calls of generation: nothing to pool
+            return h.new_zeros(B, 0, self.cfg.model.dim), done
         C = open_bytes.shape[1]
         dev = h.device
         slot = torch.arange(C, device=dev)
@@ -203,8 +207,6 @@ class BLTModel(nn.Module):
         patch_id = start.long().cumsum(dim=1) - 1
         index = torch.arange(C + T, device=dev).expand(B, -1)
         offset = index - torch.where(start, index, torch.zeros_like(index)).cummax(dim=1).values
-        done = ends.sum(dim=1)
-        P = int(done.max()) if B else 0
         rows, cols = (valid & (patch_id < done[:, None]) & (patch_id >= 0)).nonzero(as_tuple=True)
         pid, off = patch_id[rows, cols], offset[rows, cols]
         grid = h.new_zeros(B, P, b.max_patch, d)
