@@ -435,6 +435,26 @@ class NeuralMemory(nn.Module):
             stats["ns_residual"] = torch.stack(residual).mean()
         return {k: v.detach() for k, v in stats.items()}
 
+    def _read_within_chunk(self, state: MemoryState, qf: torch.Tensor, q: torch.Tensor, k_all: torch.Tensor,
+                           v_all: torch.Tensor, gamma_all: torch.Tensor | None, lr_all: torch.Tensor,
+                           mom_all: torch.Tensor, decay_all: torch.Tensor, conv_buf: torch.Tensor | None,
+                           T: int) -> tuple[torch.Tensor, MemoryState]:
+        """A call in which no chunk completes (generation and streaming, one token at a time):
+        every new token reads the weights from the end of the last complete chunk, which is what
+        the chunk scan computes for a trailing partial chunk, and the tokens join the buffers of
+        the chunk in progress. The scan would read all the chunk's earlier tokens again (they pad
+        the call up to the chunk boundary); this reads the T new ones only, so a token's cost does
+        not grow with its place in the chunk."""
+        weights = [w.detach() for w in state.weights] if self.detach_output else list(state.weights)
+        y = memory_forward(weights, qf, self.norm)
+        if self.residual:
+            y = y + q
+        momentum = tuple(t.detach() for t in state.momentum) if self.detach_output else state.momentum
+        new_state = replace(state, weights=tuple(weights), momentum=momentum, buf_k=k_all, buf_v=v_all,
+                            buf_gamma=gamma_all, buf_lr=lr_all, buf_mom=mom_all, buf_decay=decay_all,
+                            position=state.position + T, conv=conv_buf, stats={})
+        return self._merge(y), new_state
+
     def read(self, x: torch.Tensor, state: MemoryState | None = None) -> torch.Tensor:
         """Read only, no update: y_t = M_W(phi(q_t)) (+ q_t) with the state's current weights (those
         from the end of its last complete chunk). x: (B, T, dim) -> (B, T, dim)."""
@@ -486,10 +506,13 @@ class NeuralMemory(nn.Module):
         mom_all = torch.cat([state.buf_mom, mom_logit], dim=-1)
         decay_all = torch.cat([state.buf_decay, decay_logit], dim=-1)
         qf = self._phi(q)
-        if m:
-            qf = torch.cat([qf.new_zeros(bsz, self.heads, m, qf.shape[-1]), qf], dim=-2)
         L = m + T
         n_done = (L // b) * b
+        if n_done == 0 and not self.naive:
+            return self._read_within_chunk(state, qf, q, k_all, v_all, gamma_all, lr_all, mom_all, decay_all,
+                                           conv_buf, T)
+        if m:
+            qf = torch.cat([qf.new_zeros(bsz, self.heads, m, qf.shape[-1]), qf], dim=-2)
         eta = torch.sigmoid(mom_all[..., :n_done].unflatten(-1, (-1, b)).mean(-1))      # (B, H, N)
         keep = torch.sigmoid(-decay_all[..., :n_done].unflatten(-1, (-1, b)).mean(-1))  # 1 - alpha
 
