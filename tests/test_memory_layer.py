@@ -212,3 +212,23 @@ def test_modes_agree_outputs_and_outer_gradients():
         torch.testing.assert_close(results[mode][0], results["chunk"][0], rtol=1e-9, atol=1e-10)
         for name, g in results["chunk"][1].items():
             torch.testing.assert_close(results[mode][1][name], g, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_a_call_that_completes_no_chunk_reads_only_its_new_tokens(monkeypatch):
+    """One token per call (generation): the chunk scan runs only in calls that complete a chunk;
+    the others read their token with the weights of the last complete chunk."""
+    import neatlm.nn.memory as memory_module
+    mem = _mem()
+    x = _x(T=19)
+    whole, _ = mem(x)
+    calls = []
+    real = memory_module.memory_scan
+    monkeypatch.setattr(memory_module, "memory_scan", lambda *a, **k: calls.append(a[2].shape[-2]) or real(*a, **k))
+    state, ys = None, []
+    for t in range(19):
+        y, state = mem(x[:, t:t + 1], state)
+        ys.append(y)
+    chunk = mem.chunk_size
+    assert len(calls) == 19 // chunk                       # only where a chunk completes
+    assert all(n == chunk for n in calls)
+    assert torch.allclose(torch.cat(ys, dim=1), whole, atol=1e-12)
