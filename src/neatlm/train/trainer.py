@@ -244,7 +244,7 @@ class Trainer:
             def step() -> None:
                 with self.hw.autocast():
                     out = self.model(x, None, TTLControl(), carry=False)
-                    loss = lm_loss(out.logits, y)
+                    loss = self.loss_fn(out.logits, y, x)       # the task's loss, as training runs it
                     if out.aux_loss is not None:
                         loss = loss + out.aux_loss
                 loss.backward()
