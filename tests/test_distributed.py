@@ -8,21 +8,19 @@ mixers and MoE experts a process's tokens never reach.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from neatlm.config import Config, apply_overrides, from_dict, validate
 from neatlm.train.metrics import read_metrics
 
 from conftest import write_corpus
+from spawn_ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -78,27 +76,15 @@ def _case_config(name: str, corpus: Path) -> dict:
     return cfg.to_dict()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, configs: dict, out: str) -> None:
+def _worker(rank: int, world: int, configs: dict, out: str) -> None:
     """One process of the 2-process run: the cases through the Trainer, then coordinator checks."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     from neatlm.train.trainer import Trainer
 
-    try:
-        for name, cfg in configs.items():
-            trainer = Trainer(from_dict(cfg), run_dir=Path(out) / name)
-            trainer.train()
-            torch.save({n: p.detach() for n, p in trainer.model.named_parameters()}, Path(out) / f"{name}.{rank}.pt")
-        _coordinator_checks(rank, world)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for name, cfg in configs.items():
+        trainer = Trainer(from_dict(cfg), run_dir=Path(out) / name)
+        trainer.train()
+        torch.save({n: p.detach() for n, p in trainer.model.named_parameters()}, Path(out) / f"{name}.{rank}.pt")
+    _coordinator_checks(rank, world)
 
 
 def _coordinator_checks(rank: int, world: int) -> None:
@@ -137,17 +123,7 @@ def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
     corpus = write_corpus(root / "corpus")
     configs = {name: _case_config(name, corpus) for name in CASES}
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), configs, str(root / "two")), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-process run did not finish in 300 s (a collective hangs?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_ranks(_worker, (configs, str(root / "two")), root / "ranks", seconds=300)
     from neatlm.train.trainer import Trainer
 
     one, init = {}, {}

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import small_config, write_corpus
+from spawn_ranks import run_ranks
 from neatlm.config import Config, from_dict, validate
 from neatlm.errors import NeatError
 from neatlm.train import checkpoint as ckpt
@@ -212,28 +209,16 @@ def test_state_rows_split_and_join_back():
 
 # ----------------------------------------------------------------------------- torchrun
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
     """One of 2 processes: only rank 1 runs out of memory, at step 2; both must fall back."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    try:
-        trainer = Trainer(from_dict(cfg), run_dir=Path(out))
-        if rank == 1:
-            inject_oom(trainer, step=2, above=1)
-        trainer.train()
-        torch.save({"micro_batch": trainer.micro_batch,
-                    "params": {n: p.detach() for n, p in trainer.model.named_parameters()}},
-                   Path(out) / f"rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    trainer = Trainer(from_dict(cfg), run_dir=Path(out))
+    if rank == 1:
+        inject_oom(trainer, step=2, above=1)
+    trainer.train()
+    torch.save({"micro_batch": trainer.micro_batch,
+                "params": {n: p.detach() for n, p in trainer.model.named_parameters()}},
+               Path(out) / f"rank{rank}.pt")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -241,17 +226,8 @@ def test_under_torchrun_every_process_falls_back_together(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = config(corpus, tmp_path / "two", "sequence", steps=3, save_every=100)
     cfg.eval.every = 0
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path / "two")), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-process run did not finish in 240 s (one process retried alone?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    # a hang here: one process retried alone while the other waits in the gradient all-reduce
+    run_ranks(_worker, (cfg.to_dict(), str(tmp_path / "two")), tmp_path / "ranks", seconds=240)
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["micro_batch"] for r in ranks] == [1, 1]     # 2 rows per process, halved on both
     one = Trainer(cfg, run_dir=tmp_path / "one")
