@@ -123,6 +123,18 @@ def test_newton_schulz_batched_matches_loop_and_orthogonalises(shape):
     assert newton_schulz(torch.zeros(2, 3, 4), 5).abs().max() == 0
 
 
+@pytest.mark.parametrize("shape,steps", [((3, 5, 8), 5), ((2, 2, 8, 5), 3), ((4, 4), 1), ((2, 3, 6), 0)])
+def test_newton_schulz_backward_gradchecks_and_equals_the_reference(shape, steps):
+    """The hand-written backward of the iterations: float64 gradcheck, and the gradient autograd
+    takes through the term-by-term reference (a tall matrix is transposed first)."""
+    g = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: newton_schulz(t, steps), (g,))
+    weight = torch.randn(shape, dtype=torch.float64)
+    fast = torch.autograd.grad((newton_schulz(g, steps) * weight).sum(), g)[0]
+    ref = torch.autograd.grad((newton_schulz_reference(g, steps) * weight).sum(), g)[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("degree", [2, 3])
 def test_poly_features(degree):
     x = torch.randn(3, 4, 5, dtype=torch.float64)
@@ -133,6 +145,20 @@ def test_poly_features(degree):
     assert torch.allclose(coeffs, torch.tensor([1 / math.factorial(i) for i in range(1, degree + 1)]).double())
     # feature 5 + 0 is a_2 * x_0 * x_0 (first degree-2 monomial)
     assert torch.allclose(fast[..., 5], 0.5 * x[..., 0] ** 2)
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_poly_features_gradients_equal_the_reference(degree):
+    """The selection-GEMM path differentiates like the monomial-by-monomial reference, in x and in
+    the coefficients, on a non-contiguous input (the memory's heads are a transposed view)."""
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    coeffs = (poly_init_coeffs(degree).double() + torch.rand(degree, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(poly_features, (x, coeffs))
+    weight = torch.randn(poly_feature_dim(4, degree), dtype=torch.float64)
+    fast = torch.autograd.grad((poly_features(x, coeffs) * weight).sum(), (x, coeffs))
+    ref = torch.autograd.grad((poly_features_reference(x, coeffs) * weight).sum(), (x, coeffs))
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, rtol=1e-12, atol=1e-12)
 
 
 

@@ -141,7 +141,8 @@ def training_footprint(settings: MemorySettings, dim: int, batch: int, seq_len: 
     the memory's layer inputs (the first one dim_key wide), pre-activations and output on the R
     rows; the inner-gradient terms on the key rows (more without the fused backward: autograd keeps
     the temporaries of silu' and the row-weighted deltas). Then the trailing partial chunk's read, the
-    polynomial feature map's monomials ((2 i - 1) tensors of the degree-i monomials, for q and k),
+    polynomial feature map's factors (2 (degree - 1) feature-wide tensors, for q and k, and the
+    degree + 1 selection matrices),
     and per token the layer input and about three inner-width tensors (q and k before their
     normalisation, the merged read; two more for poly features, three for the conv). Not counted:
     ``ttl.update_every`` (chunks that only read keep less), the backward's own temporaries, and
@@ -150,10 +151,10 @@ def training_footprint(settings: MemorySettings, dim: int, batch: int, seq_len: 
     Checked against the bytes of the tensors saved for backward and still alive after the
     forward (``saved_tensors_hooks``, counted as :mod:`neatlm.grad.checkpointing.measure` counts
     them) in one fp32 forward of small layers (tests/test_memory_size_guard.py asserts 0.5x-3x):
-    estimate / measured = 1.03 for an identity-feature Titans MLP (fused backward), 0.98 for a
-    poly + Muon + Omega Atlas layer, 0.98-1.07 over linear, depth-3, LayerNorm, conv, degree-3,
-    unclipped and unfused variants, and 1.06 at the tiny preset's width with poly features
-    (dim_head 128, 8,384-wide keys, batch 1: 141 MB estimated, 132 MB measured). A whole training
+    estimate / measured = 1.03 for an identity-feature Titans MLP (fused backward), 0.99 for a
+    poly + Muon + Omega Atlas layer, 0.99-1.07 over Muon, linear, depth-3, LayerNorm, conv,
+    degree-3, unclipped and unfused variants, and 1.03 at the tiny preset's width with poly
+    features (dim_head 128, 8,384-wide keys, batch 1 x 256: 137 MB estimated, 133 MB measured). A whole training
     step peaks higher (the backward's gradients come on top): see
     :func:`neatlm.config.memory_training_bytes`.
     """
@@ -166,7 +167,7 @@ def training_footprint(settings: MemorySettings, dim: int, batch: int, seq_len: 
     ins = [i for _, i in layout.weights]
     outs = [o for o, _ in layout.weights]
     hid = sum(layout.hidden)
-    fused = settings.mode == "chunk" and settings.optimizer == "momentum"
+    fused = settings.mode == "chunk"
 
     # all rows: every layer's input, the hidden pre-activations, the output; key rows: each
     # layer's delta, and silu'(z) and Delta W per hidden layer (plus a few per-row scalars)
@@ -184,9 +185,10 @@ def training_footprint(settings: MemorySettings, dim: int, batch: int, seq_len: 
         w_all += (n_chunks - 1) * sum((ns + 1) * o * i + 2 * ns * min(o, i) ** 2 for o, i in layout.weights)
     tail_read = tail * (sum(ins) + hid) if tail else 0
 
-    feat = 0
-    if settings.features == "poly":
-        feat = 2 * sum((2 * i - 1) * math.comb(dh + i - 1, i) for i in range(2, settings.poly_degree + 1))
+    feat = feat_weights = 0
+    if settings.features == "poly":   # q and k: each product of the selection GEMMs keeps both factors,
+        feat = 2 * 2 * (settings.poly_degree - 1) * dk            # and the GEMMs their selections: one
+        feat_weights = (settings.poly_degree + 1) * dh * dk         # with the coefficients per call, the rest shared
     inner = heads * dh
     per_token = dim + (3 + (2 if settings.features == "poly" else 0) + (3 if settings.conv_size else 0)) * inner \
         + 4 * heads
@@ -195,7 +197,7 @@ def training_footprint(settings: MemorySettings, dim: int, batch: int, seq_len: 
     return MemoryFootprint(
         fast_weights=dtype_bytes * rows_heads * w_all,
         chunks=dtype_bytes * rows_heads * (n_chunks * per_chunk + tail_read),
-        features=dtype_bytes * rows_heads * seq_len * feat,
+        features=dtype_bytes * (rows_heads * seq_len * feat + feat_weights),
         tokens=dtype_bytes * batch * seq_len * per_token,
     )
 

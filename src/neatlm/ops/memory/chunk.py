@@ -419,10 +419,11 @@ def memory_scan(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Te
     ``updates[n]`` False makes complete chunk n read-only: no inner step, weights and momentum
     unchanged (test-time-learning warmup and update frequency); None = every chunk learns.
 
-    ``fused`` (momentum optimiser only): each chunk is one :class:`ChunkStep` with the hand-written
-    backward. False computes the same forward from tensor ops and leaves the backward to autograd,
-    the way Muon always runs (its Newton-Schulz step has no hand-written backward): the baseline
-    the fused backward is checked and measured against.
+    ``fused``: each chunk's read, inner gradients and momentum are one :class:`ChunkStep` with the
+    hand-written backward; under Muon the weights then move by Newton-Schulz of that momentum
+    (its own hand-written backward, :mod:`..newton_schulz`), and the step's momentum-rule weights
+    go unused. False computes the same forward from tensor ops and leaves the backward to
+    autograd: the baseline the fused backward is checked and measured against.
 
     weights, momentum: lists of (..., out_i, in_i).  q: (..., L, in_1).  k: (..., L+c-1, in_1),
     v: (..., L+c-1, out_D) (the first c-1 rows are the tokens before q[0]; pad with gamma = 0).
@@ -431,7 +432,7 @@ def memory_scan(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Te
     """
     L, e, n_chunks = check_scan_inputs(q, k, v, lr, mom, keep, gamma, chunk_size, window)
     b = chunk_size
-    use_fused = fused and optimizer == "momentum"
+    use_fused = fused
     w_cur = list(weights)
     s_cur = list(momentum)
     ys = []
@@ -458,17 +459,17 @@ def memory_scan(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Te
             continue
         rows, c_n, eta, kp = x_rows[n], coefs[n], etas[n], keeps[n]
         if use_fused:
-            y, w_cur, s_cur = chunk_step(w_cur, s_cur, rows, e + b, v_rows[n], c_n, eta, kp, norm, max_grad_norm)
-            ys.append(y)
-            continue
-        y, grads = inner_grads(w_cur, rows, e + b, v_rows[n], c_n, norm, max_grad_norm)
+            y, w_next, s_cur = chunk_step(w_cur, s_cur, rows, e + b, v_rows[n], c_n, eta, kp, norm, max_grad_norm)
+        else:
+            y, grads = inner_grads(w_cur, rows, e + b, v_rows[n], c_n, norm, max_grad_norm)
+            s_cur = [eta * s - g for s, g in zip(s_cur, grads)]
+            w_next = [kp * w + s for w, s in zip(w_cur, s_cur)]
         ys.append(y)
-        s_cur = [eta * s - g for s, g in zip(s_cur, grads)]
         if optimizer == "muon":
             lr_n = step[..., n, None, None]
             w_cur = [kp * w + lr_n * newton_schulz(s, ns_steps) for w, s in zip(w_cur, s_cur)]
         else:
-            w_cur = [kp * w + s for w, s in zip(w_cur, s_cur)]
+            w_cur = w_next
     if L > n_chunks * b:
         ys.append(memory_forward(w_cur, q[..., n_chunks * b:, :], norm))
     y = torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0]
