@@ -14,6 +14,7 @@ heads (dim_head 32) and chunk --chunk (32, as benchmarks/ttl_ablation.py). Varia
 - poly:        + memory.features = poly, memory.poly_degree = 2
 - muon:        + memory.optimizer = muon (memory.ns_steps = 5)
 - atlas:       omega + poly + muon (as the mqar-atlas preset)
+- atlas-16:    atlas with 8 memory heads of 16 (the same inner width, degree-2 keys of 152)
 - linear:      memory.function = linear (one fast-weight matrix)
 - mac:         memory.combine = mac
 
@@ -58,6 +59,9 @@ VARIANTS: dict[str, list[str]] = {
     "muon": MEMORY + ["memory.optimizer=muon", "memory.ns_steps=5"],
     "atlas": MEMORY + ["memory.objective=omega", "memory.omega_window=4", "memory.features=poly",
                        "memory.poly_degree=2", "memory.optimizer=muon", "memory.ns_steps=5"],
+    # the same Atlas at half the head width (8 heads of 16: degree-2 keys of 152 instead of 560)
+    "atlas-16": MEMORY + ["memory.heads=8", "memory.dim_head=16", "memory.objective=omega", "memory.omega_window=4",
+                          "memory.features=poly", "memory.poly_degree=2", "memory.optimizer=muon", "memory.ns_steps=5"],
     "linear": MEMORY + ["memory.function=linear"],
     "mac": MEMORY + ["memory.combine=mac"],
 }

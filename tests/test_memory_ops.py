@@ -88,6 +88,25 @@ def test_outer_gradients_match_reference(depth, norm, window, optimizer, cap, fu
         assert (gf - gr).abs().max().item() < 1e-9
 
 
+@pytest.mark.parametrize("optimizer,cap", [("momentum", 0.7), ("muon", 0.7), ("momentum", 0.0)])
+@pytest.mark.parametrize("used", ["reads", "reads+momentum", "reads+weights"])
+def test_outer_gradients_when_only_some_outputs_are_used(optimizer, cap, used):
+    """Training reads y and drops the returned state (or keeps part of it): the fused backward gets
+    no gradient for the unused outputs and must give what the token loop gives."""
+    kw = dict(chunk_size=4, window=3, norm=False, optimizer=optimizer, max_grad_norm=cap)
+    grads = []
+    for fn in (memory_scan, memory_scan_reference):
+        a = _inputs(2, 3, torch.float64, L=12, requires_grad=True)
+        y, w, s = _call(fn, a, **kw)
+        outs = [y] + (list(s) if used == "reads+momentum" else []) + (list(w) if used == "reads+weights" else [])
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+        leaves = [t for val in a.values() if val is not None for t in (val if isinstance(val, list) else [val])]
+        grads.append(torch.autograd.grad(loss, leaves))
+    for gf, gr in zip(*grads):
+        assert (gf - gr).abs().max().item() < 1e-9
+
+
 def test_partial_chunk_is_read_only_and_uses_last_weights():
     a = _inputs(2, 1, torch.float64, L=6, chunk=4)
     y, w, _ = _call(memory_scan, a, chunk_size=4)

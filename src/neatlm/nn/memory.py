@@ -259,6 +259,13 @@ class MemoryState:
         return self._map(lambda t: t.to(*args, **kwargs))
 
 
+def _after(buffer: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+    """The buffered tokens of the chunk in progress, then the new ones, along ``dim``. A call that
+    starts on a chunk boundary has an empty buffer: the new tensor as it is, not a copy (with
+    polynomial features the keys are the widest tensor of the layer)."""
+    return new if buffer.shape[dim] == 0 else torch.cat([buffer, new], dim=dim)
+
+
 class NeuralMemory(nn.Module):
     """Test-time memory layer: ``y, state = mem(x, state=None)`` with x, y of shape (B, T, dim)."""
 
@@ -499,14 +506,14 @@ class NeuralMemory(nn.Module):
         mom_logit = self.to_mom(x).transpose(1, 2)
         decay_logit = self.to_decay(x).transpose(1, 2)
 
-        k_all = torch.cat([state.buf_k, self._phi(k)], dim=-2)
-        v_all = torch.cat([state.buf_v, target], dim=-2)
+        k_all = _after(state.buf_k, self._phi(k), dim=-2)
+        v_all = _after(state.buf_v, target, dim=-2)
         gamma_all = None
         if self.to_gamma is not None:
-            gamma_all = torch.cat([state.buf_gamma, torch.sigmoid(self.to_gamma(x)).transpose(1, 2)], dim=-1)
-        lr_all = torch.cat([state.buf_lr, lr], dim=-1)
-        mom_all = torch.cat([state.buf_mom, mom_logit], dim=-1)
-        decay_all = torch.cat([state.buf_decay, decay_logit], dim=-1)
+            gamma_all = _after(state.buf_gamma, torch.sigmoid(self.to_gamma(x)).transpose(1, 2), dim=-1)
+        lr_all = _after(state.buf_lr, lr, dim=-1)
+        mom_all = _after(state.buf_mom, mom_logit, dim=-1)
+        decay_all = _after(state.buf_decay, decay_logit, dim=-1)
         qf = self._phi(q)
         L = m + T
         n_done = (L // b) * b

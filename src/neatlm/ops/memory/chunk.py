@@ -83,6 +83,8 @@ class InnerTerms(NamedTuple):
     ms: list[Tensor]           # Delta_{j+1} W_{j+1} per hidden layer, key rows
     sps: list[Tensor]          # silu'(z_j) per hidden layer, key rows
     gnorm: Tensor | None       # ||grad_W l_i||_F per key (clipping only)
+    sq_deltas: list[Tensor]    # ||Delta_j||^2 per key row and layer (clipping only, else empty)
+    sq_ins: list[Tensor]       # ||A_j||^2 of each layer's input per key row (clipping only, else empty)
     scale: Tensor | None       # clip factor max_grad_norm / max(gnorm, max_grad_norm) (clipping only)
     coef: Tensor               # row weights after clipping (..., n_k)
 
@@ -141,14 +143,23 @@ def inner_grad_terms(weights: Weights, x: Tensor, n_k: int, v: Tensor, coef: Ten
     ms.reverse()
     sps.reverse()
     gnorm = scale = None
+    sq_deltas: list[Tensor] = []
+    sq_ins: list[Tensor] = []
     if max_grad_norm > 0:
         # each layer's per-token gradient is the outer product Delta_j a_j^T, whose squared
         # Frobenius norm is ||Delta_j||^2 ||a_j||^2: no per-token gradient is ever formed
-        ins = [a[..., :n_k, :] for a in acts]
-        gnorm = torch.sqrt(sum(d.pow(2).sum(-1) * a.pow(2).sum(-1) for d, a in zip(deltas, ins)) + 1e-30)
+        sq_deltas = [_sq_norm(d) for d in deltas]
+        sq_ins = [_sq_norm(a[..., :n_k, :]) for a in acts]
+        gnorm = torch.sqrt(sum(sd * sa for sd, sa in zip(sq_deltas, sq_ins)) + 1e-30)
         scale = max_grad_norm / torch.clamp(gnorm, min=max_grad_norm)
         coef = coef * scale
-    return InnerTerms(out, acts, pres, inv, r, bm, deltas, ms, sps, gnorm, scale, coef)
+    return InnerTerms(out, acts, pres, inv, r, bm, deltas, ms, sps, gnorm, sq_deltas, sq_ins, scale, coef)
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """||t||^2 over the last dim: one reduction pass (``pow(2).sum`` is two, about 5x slower on CPU
+    at the memory's row widths)."""
+    return torch.linalg.vector_norm(t, dim=-1).square()
 
 
 def weighted_grads(terms: InnerTerms, n_k: int) -> list[Tensor]:
@@ -225,19 +236,25 @@ def chunk_step_fwd(weights: Weights, momentum: Weights, x: Tensor, n_k: int, v: 
     return terms.out[..., n_k:, :], w_new, s_new, saved
 
 
-def _state_update_bwd(saved: ChunkSaved, g_w_new: Sequence[Tensor], g_s_new: Sequence[Tensor]
+def _state_update_bwd(saved: ChunkSaved, g_w_new: Sequence[Tensor | None], g_s_new: Sequence[Tensor | None]
                       ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
-    """Through S' = eta S + U, W' = keep W + S': (dU, dW partial, dS, d eta, d keep)."""
+    """Through S' = eta S + U, W' = keep W + S': (dU, dW partial, dS, d eta, d keep). A None
+    gradient is an output nothing used (W' under Muon, the state after a sequence's last chunk):
+    its terms are skipped rather than computed from zeros."""
     g_u, g_w, g_s = [], [], []
-    g_eta: Any = 0.0
-    g_keep: Any = 0.0
+    g_eta: Any = torch.zeros_like(saved.eta)
+    g_keep: Any = torch.zeros_like(saved.keep)
     for w, s, gw, gs in zip(saved.weights, saved.momentum, g_w_new, g_s_new):
-        gtot = gs + gw
+        if gw is None:
+            gtot = torch.zeros_like(w) if gs is None else gs
+            g_w.append(torch.zeros_like(w))
+        else:
+            gtot = gw if gs is None else gs + gw
+            g_w.append(gw * saved.keep)
+            g_keep = g_keep + _dot(w, gw)
         g_u.append(gtot)
-        g_w.append(gw * saved.keep)
         g_s.append(gtot * saved.eta)
         g_eta = g_eta + _dot(s, gtot)
-        g_keep = g_keep + _dot(w, gw)
     return g_u, g_w, g_s, g_eta, g_keep
 
 
@@ -266,8 +283,8 @@ def _clip_bwd(saved: ChunkSaved, ins: list[Tensor], g_delta: list[Tensor], g_ins
     active = (gnorm > max_grad_norm).to(saved.coef.dtype)
     gn_over_n = -g_coef * saved.coef * max_grad_norm / gnorm.pow(3) * active   # (dL/dn) / n
     for j, (d, a) in enumerate(zip(terms.deltas, ins)):
-        g_delta[j] = g_delta[j] + (gn_over_n * a.pow(2).sum(-1)).unsqueeze(-1) * d
-        g_ins[j] = g_ins[j] + (gn_over_n * d.pow(2).sum(-1)).unsqueeze(-1) * a
+        g_delta[j] = g_delta[j] + (gn_over_n * terms.sq_ins[j]).unsqueeze(-1) * d
+        g_ins[j] = g_ins[j] + (gn_over_n * terms.sq_deltas[j]).unsqueeze(-1) * a
     return g_coef * terms.scale
 
 
@@ -322,12 +339,13 @@ def _mlp_bwd(saved: ChunkSaved, g_z: Tensor, g_ins: list[Tensor], g_zk: list[Ten
         g_a = g_z @ weights[j]
         g_a[..., :n_k, :] += g_ins[j]
         if j:
-            g_z = g_a * _silu_grad(terms.pres[j - 1])
+            g_z = torch.ops.aten.silu_backward(g_a, terms.pres[j - 1])   # g_a * silu'(z), one kernel
             g_z[..., :n_k, :] += g_zk[j - 1]
     return g_a
 
 
-def chunk_step_bwd(saved: ChunkSaved, gy: Tensor, g_w_new: Sequence[Tensor], g_s_new: Sequence[Tensor],
+def chunk_step_bwd(saved: ChunkSaved, gy: Tensor, g_w_new: Sequence[Tensor | None],
+                   g_s_new: Sequence[Tensor | None],
                    n_k: int, norm: bool, max_grad_norm: float) -> ChunkGrads:
     """Gradients of :func:`chunk_step_fwd`, including the second-order terms through the analytic
     inner gradient (derivation in ``docs/memory.md``). Stages in reverse order of the forward."""
@@ -375,6 +393,7 @@ class ChunkStep(torch.autograd.Function):
                                                 coef, eta, keep, norm, max_grad_norm)
         leaves, ctx.layout = _flatten(saved)
         ctx.save_for_backward(*leaves)
+        ctx.set_materialize_grads(False)   # unused outputs' gradients arrive as None (see _state_update_bwd)
         ctx.n_k, ctx.norm, ctx.max_grad_norm, ctx.n_w = n_k, norm, max_grad_norm, n_w
         return (y, *w_new, *s_new)
 
@@ -382,6 +401,8 @@ class ChunkStep(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor, *g_new: Tensor) -> tuple[Tensor | None, ...]:
         saved: ChunkSaved = _unflatten(ctx.saved_tensors, ctx.layout)
         n_w = ctx.n_w
+        if gy is None:
+            gy = torch.zeros_like(saved.terms.out[..., ctx.n_k:, :])
         g = chunk_step_bwd(saved, gy, g_new[:n_w], g_new[n_w:], ctx.n_k, ctx.norm, ctx.max_grad_norm)
         return (g.x, g.v, g.coef, g.eta, g.keep, None, None, None, None, *g.weights, *g.momentum)
 
