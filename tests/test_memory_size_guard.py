@@ -85,7 +85,7 @@ def test_estimate_is_near_the_measured_saved_tensors(kw, one_thread):
 # ----------------------------------------------------------------------------- the guard in validate()
 
 def test_poly_features_at_the_default_head_width_are_refused(limit):
-    """Degree-2 features of one 128-wide head are 8,384 wide: about 11 GB for the tiny model's
+    """Degree-2 features of one 128-wide head are 8,384 wide: about 10 GB for the tiny model's
     memory layers at batch 16, refused on an 8 GB host in one line naming the knobs."""
     limit(8)
     with pytest.raises(ConfigError) as err:
@@ -105,7 +105,7 @@ def test_a_smaller_config_fits_and_half_the_limit_warns(limit, caplog):
     load_config("tiny", overrides=POLY_TINY + ["memory.heads=4"])        # 32-wide heads, 560-wide keys
     limit(16)
     with caplog.at_level(logging.WARNING, logger="neatlm.config"):
-        load_config("tiny", overrides=POLY_TINY)                          # about 11 GB of 16: a warning
+        load_config("tiny", overrides=POLY_TINY)                          # about 10 GB of 16: a warning
     assert len(caplog.records) == 1 and "half of the 16.0 GB limit" in caplog.records[0].getMessage()
     caplog.clear()
     limit(24)
