@@ -12,9 +12,10 @@ same files compressed one by one with zlib -9, bz2 -9 and xz -9e give the refere
 
 Variants: ``default`` (the tiny preset, full attention over 256 bytes, streamed with a 256-byte
 window); ``long`` (the long preset: 64-byte window plus memory, random 4 x 256-byte windows, state
-reset per window), ``long-2k`` (8 x 256-byte windows) and ``long-stream`` (carried streams,
-``data.sampling = "stream"``); ``long-attention`` and ``long-attention-stream``, the same without
-memory. Run the variants one process at a time or give each process one thread: two processes of
+reset per window), ``long-2k`` (8 x 256-byte windows), ``long-stream`` (carried streams,
+``data.sampling = "stream"``) and ``long-docs`` (carried state over episodes of 16 windows from a
+document's first byte, ``data.sampling = "documents"``); ``long-attention`` and
+``long-attention-stream``, the same without memory. Run the variants one process at a time or give each process one thread: two processes of
 two threads each on two cores slow each other down many times over.
 """
 
@@ -43,6 +44,10 @@ VARIANTS = {
     "default": ("tiny", []),
     "long-stream": ("long", ["data.sampling=stream", "memory.reset=never", "train.segments=1",
                              "train.batch_size=16"]),
+    # carried state as long-stream, but each row reads a document from its first byte, 16 windows
+    # (4 KB), and the state restarts with every new document: the regime streaming evaluation reads in
+    "long-docs": ("long", ["data.sampling=documents", "memory.reset=never", "train.segments=1",
+                           "train.batch_size=16"]),
     "long": ("long", []),
     "long-2k": ("long", ["train.segments=8", "train.batch_size=2"]),
     # the same 1,024-byte windows as `long`, as one segment: the loss of a byte reaches the memory's

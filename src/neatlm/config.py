@@ -93,7 +93,11 @@ class DataConfig:
     seed: int = _f(1337, "seed of the batch sampler", min=0)
     sampling: str = _f("random", "text windows: random = a fresh random window per row and step; stream = each row "
                        "continues where its previous window ended (with memory.reset = 'never': truncated backprop "
-                       "through one unbroken stream per row)", choices=("random", "stream"))
+                       "through one unbroken stream per row); documents = each row reads a random document from its "
+                       "first byte for data.episode_windows windows, the model state reset where each such episode "
+                       "starts (as streaming evaluation reads a file)", choices=("random", "stream", "documents"))
+    episode_windows: int = _f(16, "data.sampling = 'documents': windows of train.seq_len bytes read from each "
+                              "document before every row starts a new one", min=1)
     task: str = _f("text", "text = next byte of the corpus; mqar = multi-query associative recall; passkey = "
                    "recall a 5-digit key hidden at a random depth of corpus text (one example per training window "
                    "of train.seq_len * train.segments bytes; only the answer digits are scored); mvot = grid-world "
@@ -530,15 +534,15 @@ def validate(cfg: Config, *, check_size: bool = True) -> None:
                           "longer than the chunk or one that does not divide it (memory.detach_output = true "
                           "trains the read path only, by design)")
     d = cfg.data
-    if d.sampling == "stream":
+    if d.sampling in ("stream", "documents"):
         if d.task != "text":
-            raise ConfigError(f"data.sampling = 'stream': only for data.task = 'text' (got {d.task!r})")
+            raise ConfigError(f"data.sampling = {d.sampling!r}: only for data.task = 'text' (got {d.task!r})")
         if mem.reset != "never":
-            raise ConfigError(f"data.sampling = 'stream': needs memory.reset = 'never' (got {mem.reset!r}); a state "
-                              "reset at every step makes a stream no different from random windows")
+            raise ConfigError(f"data.sampling = {d.sampling!r}: needs memory.reset = 'never' (got {mem.reset!r}); a "
+                              "state reset at every step makes it no different from random windows")
         if t.accum_steps != 1:
-            raise ConfigError(f"train.accum_steps = {t.accum_steps}: must be 1 with data.sampling = 'stream' (the "
-                              "carried state continues one micro-batch's rows); raise train.batch_size instead")
+            raise ConfigError(f"train.accum_steps = {t.accum_steps}: must be 1 with data.sampling = {d.sampling!r} "
+                              "(the carried state continues one micro-batch's rows); raise train.batch_size instead")
     if d.task == "mqar":
         queries = d.mqar_queries or d.mqar_pairs
         if queries > d.mqar_pairs:

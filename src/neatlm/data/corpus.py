@@ -34,6 +34,7 @@ class Corpus:
     source: str
     train_files: int
     val_files: int
+    train_starts: np.ndarray | None = None  # int64 offset of each training document in ``train``
 
 
 def stdlib_root() -> Path:
@@ -108,13 +109,15 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         if len(train_bytes) + len(val_bytes) < 2:
             raise DataError(f"data.path = {cfg.path!r}: the file is empty")
         as_array = lambda b: np.frombuffer(b, dtype=np.uint8)  # noqa: E731
-        return Corpus(as_array(train_bytes), as_array(val_bytes), source, 1, 0)
+        return Corpus(as_array(train_bytes), as_array(val_bytes), source, 1, 0, np.zeros(1, dtype=np.int64))
     train_files, val_files = _split_files(root, source, cfg)
-    train = np.frombuffer(b"".join(_read(p) for p in train_files), dtype=np.uint8)
+    train_docs = [_read(p) for p in train_files]
+    train = np.frombuffer(b"".join(train_docs), dtype=np.uint8)
     val = np.frombuffer(b"".join(_read(p) for p in val_files), dtype=np.uint8)
     if train.size < 2:
         raise DataError(f"{source}: the training files are empty")
-    return Corpus(train, val, source, len(train_files), len(val_files))
+    starts = np.cumsum([0] + [len(d) for d in train_docs[:-1]], dtype=np.int64)
+    return Corpus(train, val, source, len(train_files), len(val_files), starts)
 
 
 def held_out_documents(cfg: DataConfig) -> list[bytes]:
@@ -150,6 +153,11 @@ class PositionedSampler:
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
+
+    def starts_fresh(self, batch: int) -> bool:
+        """Whether batch ``batch`` begins new sequences in every row: a carried model state must
+        not continue into it. Only episodes of documents do (:class:`DocumentSampler`)."""
+        return False
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
         value = sd["position"]
@@ -199,6 +207,42 @@ class StreamSampler(PositionedSampler):
         starts = (self.offsets + self.position * self.seq_len) % span
         self.position += 1
         return windows(self.data, starts, self.seq_len)
+
+
+class DocumentSampler(PositionedSampler):
+    """Episodes of ``episode`` consecutive windows read from the start of a document: in episode
+    e, row b reads a seeded random training document (one with at least ``episode * seq_len + 1``
+    bytes) from its first byte on, window after window; then every row starts a new document.
+
+    With the model state carried from step to step (``memory.reset = "never"``) and reset where an
+    episode starts (:meth:`starts_fresh`), the memory is trained the way streaming evaluation uses
+    it: from its initial state at a document's first byte, thousands of updates into it. Carried
+    streams (:class:`StreamSampler`) cross documents with the state of the previous one and never
+    see a fresh state after the first steps.
+    """
+
+    def __init__(self, data: np.ndarray, doc_starts: np.ndarray, batch_size: int, seq_len: int, episode: int,
+                 seed: int, position: int = 0, source: str = "the corpus"):
+        ends = np.append(doc_starts[1:], data.size)
+        need = episode * seq_len + 1
+        self.starts = doc_starts[ends - doc_starts >= need]
+        if self.starts.size == 0:
+            raise DataError(f"{source}: no training document has data.episode_windows * train.seq_len + 1 = {need} "
+                            f"bytes (the longest has {int((ends - doc_starts).max())}); lower data.episode_windows or "
+                            "train.seq_len")
+        self.data, self.batch_size, self.seq_len, self.episode, self.seed = data, batch_size, seq_len, episode, seed
+        self.position = position
+
+    def starts_fresh(self, batch: int) -> bool:
+        return batch % self.episode == 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 of shape (batch, seq_len): window ``position % episode`` of
+        each row's document in the current episode."""
+        episode, k = divmod(self.position, self.episode)
+        docs = np.random.default_rng([self.seed, 0xD0C, episode]).integers(0, self.starts.size, size=self.batch_size)
+        self.position += 1
+        return windows(self.data, self.starts[docs] + k * self.seq_len, self.seq_len)
 
 
 def windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

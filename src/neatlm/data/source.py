@@ -23,7 +23,7 @@ from ..config import Config, DataConfig
 from ..errors import DataError
 from ..nn.loss import lm_loss
 from ..nn.mvot import MVoTLoss
-from .corpus import BatchSampler, Corpus, StreamSampler, load_corpus, validation_batches
+from .corpus import BatchSampler, Corpus, DocumentSampler, StreamSampler, load_corpus, validation_batches
 from .mvot import MVoTSampler, MVoTTask, load_task
 from .passkey import PasskeySampler, passkey_batch
 from .synthetic import MQARSampler, mqar_batch
@@ -44,7 +44,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.T
 @dataclass
 class DataSource:
     task: str
-    sampler: BatchSampler | StreamSampler | MQARSampler | PasskeySampler  # each a PositionedSampler
+    sampler: BatchSampler | StreamSampler | DocumentSampler | MQARSampler | PasskeySampler  # PositionedSamplers
     corpus: Corpus | None
     cfg: Config
     # chosen once from the config: the training loss, and what validation does to the logits
@@ -136,8 +136,14 @@ def build_data(cfg: Config) -> DataSource:
         raise DataError(f"data.val_fraction = {d.val_fraction} holds out {corpus.val.size} bytes of {corpus.source}, "
                         f"fewer than one validation window (train.seq_len * train.segments + 1 = {window + 1}); "
                         "raise it, or set it to 0 to train without validation")
-    sampler_class = StreamSampler if d.sampling == "stream" else BatchSampler
-    return DataSource("text", sampler_class(corpus.train, t.batch_size, window, d.seed), corpus, cfg)
+    if d.sampling == "documents":
+        assert corpus.train_starts is not None
+        sampler = DocumentSampler(corpus.train, corpus.train_starts, t.batch_size, window, d.episode_windows, d.seed,
+                                  source=corpus.source)
+    else:
+        sampler_class = StreamSampler if d.sampling == "stream" else BatchSampler
+        sampler = sampler_class(corpus.train, t.batch_size, window, d.seed)
+    return DataSource("text", sampler, corpus, cfg)
 
 
 def _passkey_data(corpus: Corpus, cfg: Config) -> DataSource:

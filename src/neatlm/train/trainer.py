@@ -456,6 +456,8 @@ class Trainer:
         # TTL warmup: the memories read their initial weights and learn nothing (evaluation always learns)
         ttl = TTLControl(learn=self.step >= self.cfg.ttl.warmup_steps, collect_stats=log)
         # the step's data is drawn first (on the host), so that a retry reruns the same windows
+        if self.sampler.starts_fresh(self.sampler.position):
+            self.carried.value = None   # new documents in every row: each starts from the initial state
         windows = [self.sampler.next() for _ in range(self.cfg.train.accum_steps)]
         carried_before, rng_before = self.carried.value, RNGState().state_dict()
         while True:
