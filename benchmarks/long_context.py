@@ -14,7 +14,7 @@ Variants: ``default`` (the tiny preset, full attention over 256 bytes, streamed 
 window); ``long`` (the long preset: 64-byte window plus memory, random 4 x 256-byte windows, state
 reset per window), ``long-2k`` (8 x 256-byte windows), ``long-stream`` (carried streams,
 ``data.sampling = "stream"``) and ``long-docs`` (carried state over episodes of 16 windows from a
-document's first byte, ``data.sampling = "documents"``); ``long-attention`` and
+document's first byte, ``data.sampling = "documents"``; ``long-docs-16k``: 64 windows); ``long-attention`` and
 ``long-attention-stream``, the same without memory. Run the variants one process at a time or give each process one thread: two processes of
 two threads each on two cores slow each other down many times over.
 """
@@ -48,6 +48,8 @@ VARIANTS = {
     # (4 KB), and the state restarts with every new document: the regime streaming evaluation reads in
     "long-docs": ("long", ["data.sampling=documents", "memory.reset=never", "train.segments=1",
                            "train.batch_size=16"]),
+    "long-docs-16k": ("long", ["data.sampling=documents", "data.episode_windows=64", "memory.reset=never",
+                               "train.segments=1", "train.batch_size=16"]),
     "long": ("long", []),
     "long-2k": ("long", ["train.segments=8", "train.batch_size=2"]),
     # the same 1,024-byte windows as `long`, as one segment: the loss of a byte reaches the memory's
