@@ -400,7 +400,7 @@ class ChunkStep(torch.autograd.Function):
         return (y, *w_new, *s_new)
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor, *g_new: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, gy: Tensor | None, *g_new: Tensor | None) -> tuple[Tensor | None, ...]:
         saved: ChunkSaved = _unflatten(ctx.saved_tensors, ctx.layout)
         n_w = ctx.n_w
         if gy is None:
@@ -455,7 +455,6 @@ def memory_scan(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Te
     """
     L, e, n_chunks = check_scan_inputs(q, k, v, lr, mom, keep, gamma, chunk_size, window)
     b = chunk_size
-    use_fused = fused
     w_cur = list(weights)
     s_cur = list(momentum)
     ys = []
@@ -473,7 +472,7 @@ def memory_scan(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Te
         q_rows = q[..., : n_chunks * b, :].unflatten(-2, (n_chunks, b))
         x_rows = torch.cat([k_rows, q_rows], dim=-2).unbind(-3)
         # the fused step adds U = sum coef g (so it gets -coef); the unfused one subtracts g
-        coefs = (-coef if use_fused else coef).unbind(-2)
+        coefs = (-coef if fused else coef).unbind(-2)
         etas = mom[..., None, None].unbind(-3)
         keeps = keep[..., None, None].unbind(-3)
     for n in range(n_chunks):
@@ -481,7 +480,7 @@ def memory_scan(weights: Weights, momentum: Weights, q: Tensor, k: Tensor, v: Te
             ys.append(memory_forward(w_cur, q_rows[..., n, :, :], norm))
             continue
         rows, c_n, eta, kp = x_rows[n], coefs[n], etas[n], keeps[n]
-        if use_fused:
+        if fused:
             y, w_next, s_cur = chunk_step(w_cur, s_cur, rows, e + b, v_rows[n], c_n, eta, kp, norm, max_grad_norm)
         else:
             y, grads = inner_grads(w_cur, rows, e + b, v_rows[n], c_n, norm, max_grad_norm)
