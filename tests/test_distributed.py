@@ -123,7 +123,7 @@ def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
     corpus = write_corpus(root / "corpus")
     configs = {name: _case_config(name, corpus) for name in CASES}
-    run_ranks(_worker, (configs, str(root / "two")), root / "ranks", seconds=300)
+    two_dir = run_ranks(_worker, lambda out: (configs, str(out / "two")), root / "ranks", seconds=300) / "two"
     from neatlm.train.trainer import Trainer
 
     one, init = {}, {}
@@ -132,7 +132,7 @@ def two_process_run(tmp_path_factory):
         init[name] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
         one[name] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    two = {name: [torch.load(root / "two" / f"{name}.{r}.pt", weights_only=True) for r in range(2)] for name in CASES}
+    two = {name: [torch.load(two_dir / f"{name}.{r}.pt", weights_only=True) for r in range(2)] for name in CASES}
     return one, two, init
 
 

@@ -227,12 +227,12 @@ def test_under_torchrun_every_process_falls_back_together(tmp_path):
     cfg = config(corpus, tmp_path / "two", "sequence", steps=3, save_every=100)
     cfg.eval.every = 0
     # a hang here: one process retried alone while the other waits in the gradient all-reduce
-    run_ranks(_worker, (cfg.to_dict(), str(tmp_path / "two")), tmp_path / "ranks", seconds=240)
-    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    two = run_ranks(_worker, lambda out: (cfg.to_dict(), str(out / "two")), tmp_path / "ranks", seconds=240) / "two"
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["micro_batch"] for r in ranks] == [1, 1]     # 2 rows per process, halved on both
     one = Trainer(cfg, run_dir=tmp_path / "one")
     one.train()
-    assert close(losses(tmp_path / "two"), losses(tmp_path / "one"), tol=1e-5)
+    assert close(losses(two), losses(tmp_path / "one"), tol=1e-5)
     for n, p in one.model.named_parameters():
         assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
         torch.testing.assert_close(ranks[0]["params"][n], p, rtol=1e-4, atol=1e-5, msg=n)
